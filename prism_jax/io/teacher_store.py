@@ -1,0 +1,111 @@
+"""Teacher checkpoints: trained or imported model variables plus what they were made for.
+
+Layout of a teacher directory:
+  variables.msgpack   flax-serialized {'params', 'batch_stats'} (float32)
+  teacher.json        model spec, class order, dataset fingerprint, test accuracy, checksum of
+                      the variables file; written last, so its presence marks a finished teacher.
+Squeezed teachers and torchvision imports share this format, so every later stage loads them the
+same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prism_jax.io import artifacts
+
+VARIABLES_FILE = "variables.msgpack"
+META_FILE = "teacher.json"
+
+
+def is_complete(teacher_dir: str) -> bool:
+  return os.path.exists(os.path.join(teacher_dir, META_FILE))
+
+
+def save_teacher(teacher_dir: str, *, name: str, variables: Mapping[str, Any],
+                 model_config: Mapping[str, Any], class_names: Sequence[str], dataset: Any,
+                 test_accuracy: float | None, extra: Mapping[str, Any] | None = None) -> None:
+  """Writes a teacher atomically (variables first, metadata last)."""
+  host_vars = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32),
+                                     dict(variables))
+  data = flax.serialization.msgpack_serialize(host_vars)
+  artifacts.write_bytes(os.path.join(teacher_dir, VARIABLES_FILE), data)
+  meta = dict(name=name, model=dict(model_config), class_names=list(class_names),
+              dataset=dataset, test_accuracy=test_accuracy,
+              variables_sha256=artifacts.sha256_bytes(data), **dict(extra or {}))
+  artifacts.write_json(os.path.join(teacher_dir, META_FILE), meta)
+
+
+def load_meta(teacher_dir: str) -> dict[str, Any]:
+  path = os.path.join(teacher_dir, META_FILE)
+  if not os.path.exists(path):
+    raise artifacts.ArtifactError(
+        f"{path}: no finished teacher here (run the squeeze stage, or import torchvision weights "
+        "with `python -m prism_jax.tools.import_torchvision`)")
+  return artifacts.read_json(path)
+
+
+def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None = None):
+  """Returns (model, variables, meta); verifies checksum, class order and every tensor shape."""
+  from prism_jax import models  # Local import keeps io/ free of model code at import time.
+
+  meta = load_meta(teacher_dir)
+  path = os.path.join(teacher_dir, VARIABLES_FILE)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise artifacts.ArtifactError(f"{path}: variables file missing") from None
+  if artifacts.sha256_bytes(data) != meta.get("variables_sha256"):
+    raise artifacts.ArtifactError(f"{path}: checksum mismatch; the file is corrupt or truncated")
+  variables = flax.serialization.msgpack_restore(data)
+  if expected_class_names is not None and list(expected_class_names) != list(meta["class_names"]):
+    raise artifacts.ArtifactError(
+        f"{os.path.join(teacher_dir, META_FILE)}: teacher '{meta['name']}' was trained on classes "
+        f"{_short(meta['class_names'])}, the data has {_short(expected_class_names)} "
+        "(class count or order differs)")
+  spec = meta["model"]
+  model = models.create_model(spec["name"], num_classes=spec["num_classes"], stem=spec["stem"],
+                              width=spec["width"])
+  image_size = int(spec.get("image_size") or (224 if spec["stem"] == "imagenet" else 32))
+  check_variables_match(model, variables, image_size=image_size, source=path)
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  return model, variables, meta
+
+
+def check_variables_match(model, variables: Mapping[str, Any], *, image_size: int, source: str) -> None:
+  """Compares a variables tree with what `model` expects; names the first mismatching key."""
+  expected = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                         jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False))
+  exp_flat = _flat_shapes(expected)
+  got_flat = _flat_shapes(variables)
+  for key, shape in exp_flat.items():
+    if key not in got_flat:
+      raise artifacts.ArtifactError(f"{source}: missing key '{key}' (expected shape {shape})")
+    if tuple(got_flat[key]) != tuple(shape):
+      raise artifacts.ArtifactError(
+          f"{source}: key '{key}' has shape {tuple(got_flat[key])}, the model expects {tuple(shape)}")
+  extra = [k for k in got_flat if k not in exp_flat]
+  if extra:
+    raise artifacts.ArtifactError(f"{source}: unexpected key '{extra[0]}' "
+                                  f"(shape {tuple(got_flat[extra[0]])}) not in the model")
+
+
+def _flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    flat[key] = tuple(np.shape(leaf))
+  return flat
+
+
+def _short(names: Sequence[str]) -> str:
+  names = list(names)
+  return f"{len(names)} classes {names[:5]}{'...' if len(names) > 5 else ''}"

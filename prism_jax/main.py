@@ -1,0 +1,70 @@
+"""Command line entry point.
+
+  python -m prism_jax.main --config configs/<experiment>.py --workdir <dir> [--config.x=y ...]
+
+Parses flags, initializes multi-process JAX when asked (a no-op on one host), builds the mesh,
+saves the resolved config in the work directory and runs the selected stage(s).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, artifacts and TensorBoard logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process "
+                                   "runs on GPU VMs (TPU pods are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+  # TensorFlow is used only on the host (tf.data, TensorBoard summaries): keep it off GPUs/TPUs
+  # so it does not reserve accelerator memory that JAX needs.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _hide_accelerators_from_tensorflow()
+  import jax
+
+  from prism_jax import config_checks, stages
+  from prism_jax.io import artifacts
+  from prism_jax.parallel import mesh as mesh_lib, multihost
+
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  config_checks.validate(config)
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    artifacts.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+  logging.info("devices: %s; mesh %s", jax.devices(), mesh.shape)
+  stages.run_stage(config.stage, config, workdir, mesh)
+
+
+def _run(argv):
+  """Expected errors (bad config, data or artifacts) end with one clear line, not a traceback."""
+  from prism_jax.io import artifacts
+  try:
+    main(argv)
+  except (ValueError, artifacts.ArtifactError, FileNotFoundError, NotImplementedError,
+          FloatingPointError) as e:
+    if os.environ.get("PRISM_DEBUG"):
+      raise
+    print(f"prism_jax: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(_run)
