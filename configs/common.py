@@ -48,6 +48,48 @@ def squeeze_config() -> ml_collections.ConfigDict:
   return c
 
 
+def recover_config() -> ml_collections.ConfigDict:
+  """Image synthesis. Defaults reproduce the official PRISM code (ImageNet-1K, ResNet-18 presets)."""
+  c = ml_collections.ConfigDict()
+  c.ipc = 10                   # images per class: IPC indices [ipc_start, ipc)
+  c.ipc_start = 0
+  c.classes_per_batch = 100    # classes in one recovery batch (one image each, same IPC index)
+  c.teachers_dir = ""          # '' = <workdir>/teachers; one sub-directory per model name
+  # Teacher selection (SPEC 4.2).
+  c.logit_teacher = "resnet18"  # supplies the CE logits (the official code always uses resnet18)
+  c.bn_primary = ""            # first BN teacher; '' = the logit teacher
+  c.bn_pool = ("mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
+  c.distribution = "bernoulli"  # bernoulli | uniform_subsets | fixed | single
+  c.k_max = 4                  # at most this many BN teachers (primary included)
+  c.p = 0.5                    # bernoulli: probability of filling each extra slot
+  c.include_primary = True     # uniform_subsets: always include the primary
+  c.fixed_teachers = ()        # fixed: the BN teachers, in order
+  c.logit_pool = ()            # intra: logit teacher re-drawn from (logit_teacher,) + logit_pool
+  c.strategy = "pre"           # pre: drawn once per unit; intra: re-drawn every iteration
+  c.granularity = "ipc"        # ipc: one draw per IPC index (official); batch: per recovery batch
+  c.count_bn_only = False      # False: a BN-less teacher (alexnet) counts in K (official)
+  # Objective and optimization (SPEC 4.1, 4.3).
+  c.r_bn = 0.01
+  c.first_bn_multiplier = 10.0
+  c.tv_weight = 0.0            # TV prior (off, as in the official scripts)
+  c.l2_weight = 0.0
+  c.init = "real"              # real: the i-th training image of each class; noise: N(0, 1)
+  c.learning_rate = 0.05       # Adam(0.5, 0.9) on pixels, cosine per unit without warm-up
+  c.iterations = 4000          # T(i) = iterations - iteration_step * (i mod iteration_period)
+  c.iteration_step = 500
+  c.iteration_period = 8
+  c.jitter = -1                # roll jitter in px; -1 = 32 * image_size / 224 (4 at 32 px)
+  c.rrc_scale = (0.08, 1.0)
+  c.flip = True
+  # Execution (SPEC 4.5).
+  c.units_per_device = 1       # recovery batches per device in one wave
+  c.iterations_per_call = 50   # iterations per compiled call (progress/NaN check granularity)
+  c.checkpoint_every_iterations = 500  # mid-wave checkpoints (0: only finished waves are kept)
+  c.sequential_teachers = True  # one teacher's activations live at a time
+  c.export_jpeg = False        # also write JPEG-75 files (what the official pipeline saves)
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "all"              # squeeze | recover | relabel | train | evaluate | all
@@ -56,5 +98,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = -1      # -1: every device of every process
   c.squeeze = squeeze_config()
+  c.recover = recover_config()
   c.progress_interval_s = 10.0  # seconds between terminal progress lines
   return c

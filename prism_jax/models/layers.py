@@ -1,0 +1,140 @@
+"""Building blocks shared by the teacher zoo: torch-style conv, BatchNorm, pooling, width rounding.
+
+Conventions (each one matters for torchvision weight parity and BN-statistics matching):
+- Convolutions always get explicit symmetric torch padding `(k - 1) // 2` (or a given value), never
+  'SAME', which pads strided convs asymmetrically.
+- `BatchNorm` is our own module (params 'scale'/'bias', batch_stats 'mean'/'var') so that
+  `bn_stats.forward_with_bn_stats` can intercept it and so that its update rule is torch's:
+  running_var is updated with the *unbiased* batch variance, with Flax momentum 0.9 (= torch 0.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# torchvision initializes convs with kaiming_normal(mode='fan_out'); Linear layers with
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default, variance_scaling(1/3, fan_in, uniform)).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """torchvision's `_make_divisible`: nearest multiple of `divisor`, never more than 10% below."""
+  min_value = divisor if min_value is None else min_value
+  rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def batch_moments(x: jax.Array, axes: Sequence[int] = (0, 1, 2)) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance in float32 with the two-pass formula (no E[x^2]-E[x]^2 cancellation)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=tuple(axes))
+  var = jnp.mean(jnp.square(x - mean), axis=tuple(axes))
+  return mean, var
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, *, padding: int | None = None,
+         groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """nn.Conv with torch-style explicit symmetric padding (default (k - 1) // 2, as torchvision)."""
+  pad = (kernel_size - 1) // 2 if padding is None else padding
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
+                 dtype=dtype, kernel_init=conv_init, name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over N, H, W with torch semantics.
+
+  Train mode normalizes with the biased batch variance and updates the running stats as
+  `run = momentum * run + (1 - momentum) * batch` using the unbiased variance (as torch does).
+  Eval mode normalizes with the running stats. Statistics are computed in float32.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    if train:
+      mean, var = batch_moments(x, tuple(range(x.ndim - 1)))
+      if not self.is_initializing():
+        count = x.size // channels
+        unbiased_var = var * (count / max(count - 1, 1))
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
+    else:
+      mean, var = running_mean.value, running_var.value
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = (x.astype(jnp.float32) - mean) * multiplier + bias
+    return y.astype(self.dtype)
+
+
+class ConvBN(nn.Module):
+  """torchvision's Conv2dNormActivation: conv (no bias) -> BatchNorm -> optional activation."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  groups: int = 1
+  activation: Any = None  # a callable such as nn.relu, or None for a linear projection
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.features, self.kernel_size, self.stride, groups=self.groups, dtype=self.dtype,
+             name="conv")(x)
+    x = BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype, name="bn")(x, train)
+    return x if self.activation is None else self.activation(x)
+
+
+def classifier(features: int, dtype: Dtype, name: str = "classifier") -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+  """torch MaxPool2d (floor mode); flax pads with -inf, exactly like torch."""
+  return nn.max_pool(x, (kernel, kernel), (stride, stride),
+                     padding=((padding, padding), (padding, padding)))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=(1, 2))
+
+
+def _adaptive_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
+  # torch: start = floor(i * in / out), end = ceil((i + 1) * in / out).
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
+
+
+def adaptive_avg_pool(x: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+  """torch AdaptiveAvgPool2d on NHWC for any input size (bins may overlap or repeat)."""
+  rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in _adaptive_bins(x.shape[1], out_size[0])]
+  x = jnp.concatenate(rows, axis=1)
+  cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in _adaptive_bins(x.shape[2], out_size[1])]
+  return jnp.concatenate(cols, axis=2)
+
+
+def check_stem(stem: str) -> None:
+  if stem not in ("imagenet", "small"):
+    raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+
+
+def scale_channels(channels: int, width: float, divisor: int = 8) -> int:
+  """Channel count under a width multiplier; width 1.0 keeps torchvision's exact counts."""
+  if width <= 0:
+    raise ValueError(f"width must be > 0, got {width}")
+  return channels if width == 1.0 else make_divisible(channels * width, divisor)

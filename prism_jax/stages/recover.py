@@ -1,0 +1,335 @@
+"""Recover stage: PRISM image synthesis over all IPC indices and class chunks (SPEC 4).
+
+Work directory layout (`<workdir>/recover/`):
+  waves/waveNNNNN.npz          finished waves (final images + per-unit losses), written atomically
+  waves/waveNNNNN.partial.npz  mid-wave checkpoint (state + iteration), replaced as the wave runs
+  images/<class>/ipcNNNN.png, images.npz, manifest.jsonl, classes.json   the exported set
+  recover.json                 completion marker: fingerprint, timing, useful-work fraction
+
+A killed run skips finished waves, resumes an unfinished wave from its last mid-wave checkpoint
+(or from the start), and ends with the same images as an uninterrupted run: every random draw is
+a function of (seed, IPC index, chunk, iteration), never of scheduling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prism_jax.data import sources
+from prism_jax.data import stats as data_stats
+from prism_jax.io import artifacts, monitoring, teacher_store
+from prism_jax.models import bn_stats
+from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.recover import engine, export, schedule, selection
+
+STAGE_DIR = "recover"
+DONE_FILE = "recover.json"
+_EXECUTION_FIELDS = ("units_per_device", "iterations_per_call", "checkpoint_every_iterations",
+                     "sequential_teachers", "export_jpeg", "teachers_dir")
+
+
+def stage_dir(workdir: str) -> str:
+  return os.path.join(workdir, STAGE_DIR)
+
+
+def selection_spec(rc) -> selection.SelectionSpec:
+  spec = selection.SelectionSpec(
+      logit_teacher=rc.logit_teacher, bn_primary=rc.bn_primary or rc.logit_teacher,
+      bn_pool=tuple(rc.bn_pool), distribution=rc.distribution, k_max=rc.k_max, p=rc.p,
+      include_primary=rc.include_primary, fixed_teachers=tuple(rc.fixed_teachers),
+      logit_pool=tuple(rc.logit_pool))
+  spec.validate()
+  if rc.strategy not in selection.STRATEGIES:
+    raise ValueError(f"recover.strategy={rc.strategy!r}: expected one of {selection.STRATEGIES}")
+  if rc.granularity not in selection.GRANULARITIES:
+    raise ValueError(f"recover.granularity={rc.granularity!r}: expected one of {selection.GRANULARITIES}")
+  if rc.init not in ("real", "noise"):
+    raise ValueError(f"recover.init={rc.init!r}: expected 'real' or 'noise'")
+  return spec
+
+
+def jitter_pixels(rc, image_size: int) -> int:
+  return rc.jitter if rc.jitter >= 0 else max(1, round(32 * image_size / 224))
+
+
+def fingerprint(config, dataset) -> dict:
+  rc = {k: v for k, v in config.recover.to_dict().items() if k not in _EXECUTION_FIELDS}
+  return {"recover": rc, "seed": config.seed, "data": dataset.fingerprint()}
+
+
+@dataclasses.dataclass
+class Teachers:
+  models: dict
+  variables: dict
+  has_bn: dict
+
+
+def load_teachers(names, teachers_dir: str, dataset) -> Teachers:
+  models, variables, has_bn = {}, {}, {}
+  for name in names:
+    path = os.path.join(teachers_dir, name)
+    if not teacher_store.is_complete(path):
+      raise artifacts.ArtifactError(
+          f"{path}: no teacher '{name}' (needed by the recover config); train it with the squeeze "
+          f"stage (--config.stage=squeeze --config.squeeze.teachers=\"('{name}',)\") or import "
+          "torchvision weights with `python -m prism_jax.tools.import_torchvision`")
+    model, var, _ = teacher_store.load_teacher(path, expected_class_names=dataset.class_names)
+    models[name], variables[name] = model, var
+    has_bn[name] = bn_stats.bn_layer_count(model, var, (2, dataset.image_size, dataset.image_size, 3)) > 0
+  return Teachers(models, variables, has_bn)
+
+
+def _unit_key(seed: int, unit: schedule.Unit) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), unit.ipc_index), unit.chunk)
+
+
+def teacher_weights(unit: schedule.Unit, order, spec, rc, seed: int, has_bn, t_max: int):
+  """(T_max, n) CE and BN weights of each teacher at each iteration for one unit."""
+  ce = np.zeros((t_max, len(order)), np.float32)
+  bn = np.zeros((t_max, len(order)), np.float32)
+  draws = ([(unit.logit_teacher, unit.bn_teachers)] * t_max if rc.strategy == "pre" else
+           [selection.intra_selection(spec, seed, unit.ipc_index, unit.chunk, t, rc.granularity)
+            for t in range(min(unit.iterations, t_max))])
+  for t, (logit, bn_set) in enumerate(draws):
+    k = selection.bn_average_count(bn_set, has_bn, rc.count_bn_only)
+    ce[t, order.index(logit)] = 1.0
+    for name in bn_set:
+      bn[t, order.index(name)] += rc.r_bn / k
+  return ce, bn
+
+
+def run(config, workdir: str, mesh) -> dict:
+  rc = config.recover
+  out_dir = stage_dir(workdir)
+  dataset = sources.open_dataset(config.data)
+  fp = fingerprint(config, dataset)
+  done_path = os.path.join(out_dir, DONE_FILE)
+  if os.path.exists(done_path):
+    meta = artifacts.read_json(done_path)
+    artifacts.check_same("the recovered set", done_path, fp, meta["fingerprint"])
+    print(f"[recover] already done: {meta['num_images']} images in {out_dir}", flush=True)
+    return meta
+  spec = selection_spec(rc)
+  if rc.ipc <= rc.ipc_start:
+    raise ValueError(f"recover.ipc={rc.ipc} must be larger than recover.ipc_start={rc.ipc_start}")
+  if rc.classes_per_batch < 1:
+    raise ValueError(f"recover.classes_per_batch={rc.classes_per_batch}: expected >= 1")
+  if rc.init == "real":
+    per_class = [len(ix) for ix in dataset.class_indices("train")]
+    smallest = int(np.argmin(per_class))
+    if rc.ipc > per_class[smallest]:
+      raise ValueError(f"recover.ipc={rc.ipc} with recover.init='real' needs {rc.ipc} training images "
+                       f"per class, but class {smallest} ('{dataset.class_names[smallest]}') has only "
+                       f"{per_class[smallest]}")
+  os.makedirs(os.path.join(out_dir, "waves"), exist_ok=True)
+  run_path = os.path.join(out_dir, "run.json")
+  if os.path.exists(run_path):
+    artifacts.check_same("the recovery in progress", run_path, fp, artifacts.read_json(run_path))
+  elif jax.process_index() == 0:
+    artifacts.write_json(run_path, fp)
+
+  teachers_dir = rc.teachers_dir or os.path.join(workdir, "teachers")
+  teachers = load_teachers(spec.all_logit_teachers() + spec.all_bn_teachers(), teachers_dir, dataset)
+  bn_candidates = spec.all_bn_teachers() if rc.distribution != "single" else (spec.bn_primary,)
+  bn_less = [t for t in bn_candidates if not teachers.has_bn[t]]
+  if len(bn_less) == len(bn_candidates):
+    raise ValueError(f"recover: every BN teacher candidate {bn_candidates} has no BatchNorm layer; "
+                     "the BN prior would be empty (set recover.bn_primary / recover.bn_pool)")
+  if bn_less:
+    warnings.warn(f"recover: {bn_less} have no BatchNorm layers; drawn as BN teachers they add 0 to the "
+                  f"BN term{'' if rc.count_bn_only else ' but still count in K (official PRISM behaviour)'}")
+
+  iterations = functools.partial(schedule.iterations_for, base=rc.iterations, step=rc.iteration_step,
+                                 period=rc.iteration_period)
+  if rc.strategy == "pre":
+    select = lambda i, c: selection.pre_selection(spec, config.seed, i, c, rc.granularity)
+  else:  # intra: every unit may use any teacher of the pools at some iteration
+    select = lambda i, c: (spec.logit_teacher, spec.all_bn_teachers())
+  units = schedule.make_units(dataset.num_classes, rc.ipc, rc.classes_per_batch, select, iterations,
+                              ipc_start=rc.ipc_start)
+  width = mesh.devices.size * rc.units_per_device
+  waves = schedule.plan_waves(units, width)
+  work = schedule.useful_work(waves)
+  print(f"[recover] {len(units)} recovery batches ({rc.ipc - rc.ipc_start} IPC x "
+        f"{-(-dataset.num_classes // rc.classes_per_batch)} chunks) in {len(waves)} waves of {width} "
+        f"on {mesh.devices.size} device(s); useful-work fraction {work['useful_fraction']:.3f}", flush=True)
+
+  writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", "recover"))
+  mean, std = dataset.mean, dataset.std
+  low, high = data_stats.pixel_bounds(mean, std)
+  start = time.perf_counter()
+  results = []
+  total_iters = sum(w.iterations for w in waves)
+  progress = monitoring.Progress("recover", total_iters, unit="wave-iteration",
+                                 items_per_step=width * rc.classes_per_batch, item_unit="img-it",
+                                 interval_s=config.progress_interval_s)
+  done_iters = 0
+  for wave in waves:
+    result = run_wave(wave, config, dataset, teachers, spec, mesh, out_dir,
+                      low=tuple(map(float, low)), high=tuple(map(float, high)),
+                      progress=progress, progress_offset=done_iters, writer=writer)
+    done_iters += wave.iterations
+    results.append(result)
+
+  # Assemble the exported set in (IPC index, class) order.
+  records = [(u, images, ce, bn, secs) for r in results for (u, images, ce, bn, secs) in r]
+  records.sort(key=lambda r: (r[0].ipc_index, r[0].chunk))
+  all_images, labels, ipcs, manifest = [], [], [], []
+  for unit, images, ce, bn, secs in records:
+    for j, cls in enumerate(unit.classes):
+      all_images.append(images[j]); labels.append(cls); ipcs.append(unit.ipc_index)
+      manifest.append({"class": cls, "class_name": dataset.class_names[cls], "ipc_index": unit.ipc_index,
+                       "chunk": unit.chunk, "logit_teacher": unit.logit_teacher,
+                       "bn_teachers": list(unit.bn_teachers), "strategy": rc.strategy,
+                       "iterations": unit.iterations, "seed": config.seed, "final_ce": ce,
+                       "final_bn": bn, "wall_seconds": secs})
+  normalized = np.stack(all_images)
+  labels, ipcs = np.asarray(labels), np.asarray(ipcs)
+  if jax.process_index() == 0:
+    export.write_outputs(out_dir, export.to_uint8(normalized, mean, std), labels, ipcs,
+                         dataset.class_names, manifest, export_jpeg=rc.export_jpeg,
+                         jpeg_images_u8=export.to_uint8(normalized, mean, std, truncate=True))
+  seconds = time.perf_counter() - start
+  meta = {"fingerprint": fp, "num_images": int(len(labels)), "num_units": len(units),
+          "num_waves": len(waves), "useful_work": work, "wall_seconds_last_run": seconds,
+          "class_names": list(dataset.class_names)}
+  if jax.process_index() == 0:
+    artifacts.write_json(done_path, meta)
+  writer.flush()
+  print(f"[recover] {len(labels)} images -> {out_dir}", flush=True)
+  return meta
+
+
+_STATE_KEYS = ("images", "adam_m", "adam_v", "last_ce", "last_bn", "nonfinite_at")
+
+
+def _wave_path(out_dir: str, wave: schedule.Wave, partial: bool = False) -> str:
+  suffix = ".partial" if partial else ""
+  return os.path.join(out_dir, "waves", f"{wave.uid}.p{jax.process_index()}{suffix}.npz")
+
+
+def _load_npz(path: str) -> dict:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except Exception as e:  # a truncated or corrupt file: name it, never reuse it silently
+    raise artifacts.ArtifactError(f"{path}: unreadable wave file ({e}); delete it to recompute "
+                                  "this wave") from None
+
+
+def initial_images(units, dataset, rc, seed: int) -> np.ndarray:
+  """(W, C, H, W, 3) normalized start images: real (i-th train image per class) or N(0, 1) noise."""
+  size = dataset.image_size
+  out = []
+  class_indices = dataset.class_indices("train") if rc.init == "real" else None
+  for unit in units:
+    if rc.init == "real":
+      idx = np.asarray([class_indices[c][unit.ipc_index] for c in unit.classes])
+      pixels = dataset.read("train", idx).astype(np.float32) / 255.0
+      out.append((pixels - np.asarray(dataset.mean, np.float32)) / np.asarray(dataset.std, np.float32))
+    else:
+      key = jax.random.fold_in(_unit_key(seed, unit), 1)
+      out.append(np.asarray(jax.random.normal(key, (len(unit.classes), size, size, 3), jnp.float32)))
+  return np.stack(out).astype(np.float32)
+
+
+def run_wave(wave: schedule.Wave, config, dataset, teachers: Teachers, spec, mesh, out_dir: str, *,
+             low, high, progress, progress_offset: int, writer):
+  """Runs (or loads) one wave; returns [(unit, images (C,H,W,3), final_ce, final_bn, seconds)]."""
+  rc = config.recover
+  final_path = _wave_path(out_dir, wave)
+  rows = mesh_lib.local_batch_slice(wave.width, mesh)
+  padded = list(wave.units) + [wave.units[0]] * (wave.width - len(wave.units))
+  local_units = padded[rows]
+  is_real = [rows.start + j < len(wave.units) for j in range(len(local_units))]
+  if os.path.exists(final_path):
+    saved = _load_npz(final_path)
+    return _records(local_units, is_real, saved)
+
+  start = time.perf_counter()
+  order = wave.teacher_set
+  t_max = wave.iterations
+  totals = np.asarray([u.iterations if real else 0 for u, real in zip(local_units, is_real)], np.int32)
+  weights = [teacher_weights(u, order, spec, rc, config.seed, teachers.has_bn, t_max) for u in local_units]
+  ce_w = np.stack([w[0] for w in weights])
+  bn_w = np.stack([w[1] for w in weights])
+  labels = np.asarray([u.classes for u in local_units], np.int32)
+  keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(_unit_key(config.seed, u), 0)))
+                   for u in local_units])
+  partial_path = _wave_path(out_dir, wave, partial=True)
+  if os.path.exists(partial_path):
+    saved = _load_npz(partial_path)
+    t0 = int(saved.pop("iteration"))
+    host_state = {k: saved[k] for k in _STATE_KEYS}
+    print(f"[recover] {wave.uid}: resuming at iteration {t0}/{t_max}", flush=True)
+  else:
+    t0 = 0
+    host_state = {k: np.asarray(v) for k, v in
+                  engine.init_state(jnp.asarray(initial_images(local_units, dataset, rc, config.seed))).items()}
+
+  put = lambda x: mesh_lib.put_global_batch(x, wave.width, mesh)
+  state = {k: put(v) for k, v in host_state.items()}
+  args = [put(a) for a in (keys, labels, totals, ce_w, bn_w)]
+  teacher_vars = mesh_lib.replicate(tuple(teachers.variables[n] for n in order), mesh)
+  cfg = engine.StepConfig(
+      teacher_names=order, image_size=dataset.image_size, low=low, high=high,
+      learning_rate=rc.learning_rate, first_bn_multiplier=rc.first_bn_multiplier,
+      jitter=jitter_pixels(rc, dataset.image_size), rrc_scale=tuple(rc.rrc_scale), flip=rc.flip,
+      tv_weight=rc.tv_weight, l2_weight=rc.l2_weight, sequential_teachers=rc.sequential_teachers)
+  models = tuple(teachers.models[n] for n in order)
+  step = _compiled_step()
+  t = t0
+  while t < t_max:
+    stop = min(t + rc.iterations_per_call, t_max)
+    state = step(state, *args, teacher_vars, t, stop, models=models, cfg=cfg)
+    bad = np.asarray(jax.device_get(state["nonfinite_at"]))
+    previous, t = t, stop
+    if (bad >= 0).any():
+      j = int(np.argmax(bad >= 0))
+      u = local_units[j]
+      raise FloatingPointError(
+          f"recover: non-finite loss in {wave.uid}, recovery batch ipc_index={u.ipc_index} "
+          f"chunk={u.chunk}, iteration {int(bad[j])}; finished waves are kept in "
+          f"{os.path.dirname(final_path)} (lower recover.learning_rate or check the teachers)")
+    ce, bn = (np.asarray(jax.device_get(state[k])) for k in ("last_ce", "last_bn"))
+    real_ce = ce[np.asarray(is_real)]
+    real_bn = bn[np.asarray(is_real)]
+    progress.update(progress_offset + t, {"wave": wave.uid, "ce": float(real_ce.mean()),
+                                          "bn": float(real_bn.mean())}, force=t == t_max)
+    writer.write_scalars(progress_offset + t, {"recover/ce": float(real_ce.mean()),
+                                               "recover/bn": float(real_bn.mean())})
+    every = rc.checkpoint_every_iterations
+    if every and t < t_max and t // every > previous // every:
+      _save_partial(partial_path, state, t)
+  host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
+  seconds = time.perf_counter() - start
+  artifacts.write_npz(final_path, images=host["images"], last_ce=host["last_ce"], last_bn=host["last_bn"],
+                      seconds=np.float64(seconds))
+  if os.path.exists(partial_path):
+    os.remove(partial_path)
+  return _records(local_units, is_real, {"images": host["images"], "last_ce": host["last_ce"],
+                                         "last_bn": host["last_bn"], "seconds": seconds})
+
+
+def _save_partial(path: str, state, iteration: int) -> None:
+  host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
+  artifacts.write_npz(path, iteration=np.int64(iteration), **host)
+
+
+def _records(local_units, is_real, saved):
+  seconds = float(saved["seconds"])
+  return [(u, saved["images"][j], float(saved["last_ce"][j]), float(saved["last_bn"][j]), seconds)
+          for j, (u, real) in enumerate(zip(local_units, is_real)) if real]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step():
+  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg"), donate_argnums=(0,))

@@ -1,0 +1,134 @@
+"""Teacher selection distributions, the iteration schedule and the wave scheduler."""
+
+import collections
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from prism_jax.recover import schedule, selection
+
+POOL = ("mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
+
+
+def spec(**kw):
+  base = dict(logit_teacher="resnet18", bn_primary="resnet18", bn_pool=POOL)
+  base.update(kw)
+  s = selection.SelectionSpec(**base)
+  s.validate()
+  return s
+
+
+def test_bernoulli_matches_the_official_slot_process():
+  s = spec(distribution="bernoulli", k_max=4, p=0.5)
+  draws = [selection.pre_selection(s, seed=0, ipc_index=i, chunk=0, granularity="ipc")[1]
+           for i in range(4000)]
+  assert all(d[0] == "resnet18" and len(set(d)) == len(d) for d in draws)
+  extras = collections.Counter(len(d) - 1 for d in draws)
+  # Number of filled slots ~ Binomial(3, 0.5): 1/8, 3/8, 3/8, 1/8.
+  for k, p in zip(range(4), (1 / 8, 3 / 8, 3 / 8, 1 / 8)):
+    assert abs(extras[k] / len(draws) - p) < 0.03, (k, extras)
+  members = collections.Counter(m for d in draws for m in d[1:])
+  expected = 1.5 * len(draws) / 4  # E[#extras] = 1.5, spread uniformly over 4 pool members
+  for m in POOL:
+    assert abs(members[m] - expected) / expected < 0.06, members
+
+
+def test_uniform_subsets_is_uniform_over_valid_subsets():
+  s = spec(distribution="uniform_subsets", k_max=3, include_primary=True)
+  subsets = selection.valid_subsets(s)
+  assert len(subsets) == 1 + 4 + 6  # primary + 0..2 extras out of 4
+  counts = collections.Counter(selection.pre_selection(s, 1, i, 0, "ipc")[1] for i in range(5500))
+  assert set(counts) == set(subsets)
+  for c in counts.values():
+    assert abs(c - 500) < 100
+  s2 = spec(distribution="uniform_subsets", k_max=2, include_primary=False)
+  subsets2 = selection.valid_subsets(s2)
+  assert len(subsets2) == 5 + math.comb(5, 2)
+  assert ("mobilenet_v2",) in subsets2  # the primary may be left out
+
+
+def test_fixed_and_single():
+  s = spec(distribution="fixed", fixed_teachers=("resnet18", "mobilenet_v2"))
+  assert selection.pre_selection(s, 0, 3, 1, "ipc")[1] == ("resnet18", "mobilenet_v2")
+  s = spec(distribution="single")
+  assert selection.pre_selection(s, 0, 3, 1, "ipc") == ("resnet18", ("resnet18",))
+
+
+def test_draws_are_reproducible_and_follow_granularity():
+  s = spec()
+  a = [selection.pre_selection(s, 7, i, c, "ipc") for i in range(20) for c in range(3)]
+  b = [selection.pre_selection(s, 7, i, c, "ipc") for i in range(20) for c in range(3)]
+  assert a == b
+  # granularity=ipc: every chunk of an IPC index shares the draw.
+  for i in range(20):
+    assert len({selection.pre_selection(s, 7, i, c, "ipc") for c in range(3)}) == 1
+  per_batch = {selection.pre_selection(s, 7, 0, c, "batch")[1] for c in range(40)}
+  assert len(per_batch) > 1
+  other_seed = [selection.pre_selection(s, 8, i, 0, "ipc") for i in range(20)]
+  assert other_seed != a[::3]
+
+
+def test_intra_redraws_logit_and_bn_teachers_each_iteration():
+  s = spec(logit_pool=("mobilenet_v2",))
+  draws = [selection.intra_selection(s, 0, 0, 0, t, "ipc") for t in range(200)]
+  assert {d[0] for d in draws} == {"resnet18", "mobilenet_v2"}
+  assert len({d[1] for d in draws}) > 3
+
+
+def test_bad_selection_configs_are_named():
+  with pytest.raises(ValueError, match="recover.k_max=6 needs 5 extra BN teachers"):
+    spec(k_max=6)
+  with pytest.raises(ValueError, match="recover.k_max=6 is larger than the 5 BN teachers"):
+    spec(distribution="uniform_subsets", k_max=6)
+  with pytest.raises(ValueError, match="recover.distribution='gaussian'"):
+    spec(distribution="gaussian")
+  with pytest.raises(ValueError, match="fixed_teachers"):
+    spec(distribution="fixed")
+
+
+def test_k_counts_bn_less_teachers_unless_asked():
+  has_bn = {"resnet18": True, "alexnet": False, "mobilenet_v2": True}
+  assert selection.bn_average_count(("resnet18", "alexnet"), has_bn, count_bn_only=False) == 2
+  assert selection.bn_average_count(("resnet18", "alexnet"), has_bn, count_bn_only=True) == 1
+
+
+def test_iteration_schedule_is_the_official_one():
+  ts = [schedule.iterations_for(i, 4000, 500, 8) for i in range(10)]
+  assert ts == [4000, 3500, 3000, 2500, 2000, 1500, 1000, 500, 4000, 3500]
+  assert [schedule.iterations_for(i, 1000, 0, 8) for i in range(3)] == [1000] * 3
+  with pytest.raises(ValueError, match="expected at least 1 iteration"):
+    schedule.iterations_for(7, 3000, 500, 8)
+
+
+def test_scheduler_groups_by_teacher_set_and_counts_useful_work():
+  s = spec()
+  select = lambda i, c: selection.pre_selection(s, 0, i, c, "ipc")
+  units = schedule.make_units(num_classes=10, ipc=16, classes_per_batch=4, select=select,
+                              iterations=lambda i: schedule.iterations_for(i, 80, 10, 8))
+  assert len(units) == 16 * 3 and {len(u.classes) for u in units} == {4, 2}
+  waves = schedule.plan_waves(units, width=4)
+  seen = [u for w in waves for u in w.units]
+  assert sorted((u.ipc_index, u.chunk) for u in seen) == sorted((u.ipc_index, u.chunk) for u in units)
+  for w in waves:
+    # No teacher runs for a unit that does not use it; shapes are static within a wave.
+    assert all(u.teachers() == w.teacher_set and u.bn_teachers == w.bn_teachers for u in w.units)
+    assert len({len(u.classes) for u in w.units}) == 1
+    assert w.iterations == max(u.iterations for u in w.units)
+  work = schedule.useful_work(waves)
+  needed = sum(u.iterations * len(u.teachers()) for u in units)
+  executed = sum(w.width * w.iterations * len(w.teacher_set) for w in waves)
+  assert work["needed"] == needed and work["executed"] == executed
+  assert 0 < work["useful_fraction"] <= 1
+
+
+def test_useful_fraction_by_hand():
+  u = lambda i, t, teachers: schedule.Unit(i, 0, (0, 1), teachers[0], teachers, t)
+  units = [u(0, 100, ("a",)), u(1, 50, ("a",)), u(2, 100, ("a", "b"))]
+  waves = schedule.plan_waves(units, width=2)
+  # Wave 1: units 0 and 1 with teacher a, runs 100 iterations x 2 slots: needed 150 of 200.
+  # Wave 2: unit 2 (a, b) padded to 2 slots: needed 200 of 400.
+  work = schedule.useful_work(waves)
+  assert work["needed"] == 350 and work["executed"] == 600
+  assert work["useful_fraction"] == pytest.approx(350 / 600)
