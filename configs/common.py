@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import ml_collections
 
+from prism_jax.data import sources
+
 STAGES = ("squeeze", "recover", "relabel", "train", "evaluate", "all")
 
 
 def data_config(source: str = "digits", name: str = "digits", path: str = "") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+  """`config.data`; fields are documented in prism_jax/data/sources.py (default_data_config)."""
+  c = sources.default_data_config()
   c.source = source            # digits | arrays | imagefolder | tfds
   c.name = name                # dataset name (TFDS name for source=tfds); selects normalization
   c.path = path                # directory for arrays (train.npz/test.npz) or imagefolder sources
-  c.tfds_data_dir = ""         # '' = TFDS default data_dir
-  c.train_split = "train"
-  c.test_split = "test"        # imagenet2012 uses 'validation'
-  c.image_size = 0             # 0 = the source's native size; else resize shorter side + center crop
-  c.max_per_class = 0          # 0 = all; N keeps the first N train images of each class (tiny runs)
   return c
 
 

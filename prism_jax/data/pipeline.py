@@ -15,11 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from prism_jax.data import sources
 from prism_jax.parallel import mesh as mesh_lib
-
-
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 class TrainBatches:
@@ -41,7 +38,7 @@ class TrainBatches:
   def indices(self, step: int) -> np.ndarray:
     """Global example indices of the batch at `step`."""
     epoch, position = divmod(step, self.steps_per_epoch)
-    order = epoch_permutation(self.num_examples, self.seed, epoch)
+    order = sources.epoch_permutation(self.num_examples, self.seed, epoch)
     return order[position * self.global_batch:(position + 1) * self.global_batch]
 
   def _read_local(self, step: int):

@@ -37,7 +37,7 @@ PRESETS: dict[str, Stats] = {
     "cifar10_exact": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100_gvbsm": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
-    "digits": ((0.3417, 0.3417, 0.3417), (0.4203, 0.4203, 0.4203)),
+    "digits": ((0.3056, 0.3056, 0.3056), (0.3760, 0.3760, 0.3760)),
 }
 
 # Dataset name (TFDS name or display name; version / config suffixes are ignored) -> preset.

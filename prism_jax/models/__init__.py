@@ -10,10 +10,12 @@ API:
       -> (logits, {'batch_stats': ...}); alexnet has no batch_stats.
   models.forward_with_bn_stats(model, variables, images) -> TeacherOutput(logits, features, bn)
       eval mode; bn holds one BNStat per BatchNorm layer in forward order (SPEC 2.2).
+  models.random_variables(model, image_shape, seed) -> host-filled variables (tests, benchmarks)
 Inputs are NHWC float32 images normalized with the dataset mean/std.
 """
 
 from prism_jax.models.bn_stats import BNStat, TeacherOutput, forward_with_bn_stats
-from prism_jax.models.registry import available_models, create_model
+from prism_jax.models.registry import available_models, create_model, random_variables
 
-__all__ = ["BNStat", "TeacherOutput", "available_models", "create_model", "forward_with_bn_stats"]
+__all__ = ["BNStat", "TeacherOutput", "available_models", "create_model", "forward_with_bn_stats",
+           "random_variables"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prism_jax.models import alexnet, efficientnet, mobilenet_v2, resnet, shufflenet_v2
 
@@ -55,3 +57,26 @@ def create_model(name: str, *, num_classes: int, stem: str = "imagenet", width: 
   if int(num_classes) < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   return _FACTORIES[name](num_classes=int(num_classes), stem=stem, width=float(width), dtype=dtype)
+
+
+def random_variables(model: nn.Module, image_shape: tuple[int, ...], seed: int = 0) -> dict:
+  """Random variables with `model`'s exact tree, filled on the host with numpy (no XLA compile).
+
+  For tests and benchmarks: jitted `model.init` compiles one RNG computation per tensor, which takes
+  tens of seconds on CPU for the deeper models. Kernels ~ N(0, 1/fan_in) (variance-preserving),
+  BN scale 1 and running var 1, biases and running means 0. Not a training initializer.
+  """
+  abstract = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                         jnp.zeros(tuple(image_shape), jnp.float32), train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+    value = 1.0 if name in ("scale", "var") else 0.0
+    return np.full(leaf.shape, value, np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)

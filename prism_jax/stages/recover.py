@@ -233,8 +233,7 @@ def initial_images(units, dataset, rc, seed: int) -> np.ndarray:
   for unit in units:
     if rc.init == "real":
       idx = np.asarray([class_indices[c][unit.ipc_index] for c in unit.classes])
-      pixels = dataset.read("train", idx).astype(np.float32) / 255.0
-      out.append((pixels - np.asarray(dataset.mean, np.float32)) / np.asarray(dataset.std, np.float32))
+      out.append(data_stats.normalize(dataset.read("train", idx), dataset.mean, dataset.std))
     else:
       key = jax.random.fold_in(_unit_key(seed, unit), 1)
       out.append(np.asarray(jax.random.normal(key, (len(unit.classes), size, size, 3), jnp.float32)))
@@ -312,11 +311,26 @@ def run_wave(wave: schedule.Wave, config, dataset, teachers: Teachers, spec, mes
   host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
   seconds = time.perf_counter() - start
   artifacts.write_npz(final_path, images=host["images"], last_ce=host["last_ce"], last_bn=host["last_bn"],
-                      seconds=np.float64(seconds))
+                      seconds=np.float64(seconds),
+                      ipc_index=np.asarray([u.ipc_index for u in local_units], np.int32),
+                      chunk=np.asarray([u.chunk for u in local_units], np.int32),
+                      is_real=np.asarray(is_real))
   if os.path.exists(partial_path):
     os.remove(partial_path)
   return _records(local_units, is_real, {"images": host["images"], "last_ce": host["last_ce"],
                                          "last_bn": host["last_bn"], "seconds": seconds})
+
+
+def load_wave_images(workdir: str) -> dict[tuple[int, int], np.ndarray]:
+  """Final float images of every finished unit, keyed by (ipc_index, chunk)."""
+  wave_dir = os.path.join(stage_dir(workdir), "waves")
+  out = {}
+  for name in sorted(os.listdir(wave_dir)):
+    if name.endswith(".npz") and ".partial" not in name:
+      saved = _load_npz(os.path.join(wave_dir, name))
+      for j in np.flatnonzero(saved["is_real"]):
+        out[(int(saved["ipc_index"][j]), int(saved["chunk"][j]))] = saved["images"][j]
+  return out
 
 
 def _save_partial(path: str, state, iteration: int) -> None:

@@ -14,14 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from prism_jax.data import stats
 from prism_jax.train.state import TrainState
 
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]  # (image01 HWC, key) -> image01 HWC
-
-
-def normalize(images_u8: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  x = images_u8.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def example_keys(step_key: jax.Array, batch_size: int) -> jax.Array:
@@ -36,7 +32,7 @@ def classification_train_step(state: TrainState, images_u8: jax.Array, labels: j
   x = images_u8.astype(jnp.float32) / 255.0
   if augment is not None:
     x = jax.vmap(augment)(x, example_keys(jax.random.fold_in(step_key, 0), batch_size))
-  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  x = stats.normalize(x, mean, std)
 
   def loss_fn(params):
     variables = {"params": params}
@@ -55,7 +51,7 @@ def classification_train_step(state: TrainState, images_u8: jax.Array, labels: j
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   return new_state, metrics
 
@@ -63,7 +59,7 @@ def classification_train_step(state: TrainState, images_u8: jax.Array, labels: j
 def classification_eval_step(state: TrainState, images_u8: jax.Array, labels: jax.Array,
                              mask: jax.Array, *, mean: Sequence[float], std: Sequence[float]):
   """Sums of correct predictions (top-1, top-5), loss and count over the unmasked rows."""
-  x = normalize(images_u8, mean, std)
+  x = stats.normalize(images_u8, mean, std)
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
