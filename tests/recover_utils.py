@@ -30,7 +30,8 @@ def write_random_teacher(teachers_dir: str, name: str, *, class_names=CLASS_NAME
   """A randomly initialized small-stem teacher with non-trivial BN running statistics."""
   model = models.create_model(name, num_classes=len(class_names), stem="small", width=width)
   x = np.zeros((2, size, size, 3), np.float32)
-  variables = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(seed)}, x, train=False)
+  init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
+  variables = init({"params": jax.random.key(seed), "dropout": jax.random.key(seed)}, x)
   rng = np.random.default_rng(seed)
   variables = dict(variables)
   if "batch_stats" in variables:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prism_jax import models
-from prism_jax.models import layers, shufflenet_v2
+from prism_jax.models import layers, shufflenet_v2, torchvision_import
 
 ALL = models.available_models()
 NUM_CLASSES = 5
@@ -20,7 +20,9 @@ def _init(model, x):
 def test_calling_convention_with_real_init():
   model = models.create_model("alexnet", num_classes=NUM_CLASSES, stem="small", width=0.125)
   x = jnp.zeros((2, 32, 32, 3))
-  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+  init = jax.jit(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                      x, train=False))
+  variables = init(x)
   assert set(variables) == {"params"}
   expected = models.random_variables(model, x.shape)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
@@ -170,3 +172,66 @@ def test_bfloat16_compute_dtype_runs():
   assert jax.tree_util.tree_leaves(variables)[0].dtype == jnp.float32  # params stay float32
   logits = jax.jit(lambda: model.apply(variables, x, train=False))()
   assert logits.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(logits, np.float32)))
+
+
+# --- torchvision weight conversion: strictness (no torch needed) ---
+
+def _synthetic_state_dict(arch, num_classes=1000):
+  rng = np.random.default_rng(0)
+  shapes = torchvision_import.expected_state_dict_shapes(arch, num_classes)
+  state_dict = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  state_dict["bn1.num_batches_tracked"] = np.array(7)  # ignored, as in real torchvision files
+  return state_dict
+
+
+def test_conversion_layout_and_num_classes_inference():
+  state_dict = _synthetic_state_dict("resnet18", num_classes=7)
+  variables = torchvision_import.torchvision_state_dict_to_variables("resnet18", state_dict)
+  params, stats = variables["params"], variables["batch_stats"]
+  np.testing.assert_array_equal(params["conv1"]["kernel"], state_dict["conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["fc"]["kernel"], state_dict["fc.weight"].T)
+  np.testing.assert_array_equal(params["layer2_0"]["downsample_bn"]["scale"],
+                                state_dict["layer2.0.downsample.1.weight"])
+  np.testing.assert_array_equal(stats["layer4_1"]["bn2"]["var"], state_dict["layer4.1.bn2.running_var"])
+  model = models.create_model("resnet18", num_classes=7)
+  torchvision_import.check_variables_match(model, variables, (1, 64, 64, 3))
+
+
+def test_alexnet_first_classifier_rows_permuted_chw_to_hwc():
+  shapes = torchvision_import.expected_state_dict_shapes("alexnet", 3)
+  state_dict = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+  weight = np.arange(np.prod(shapes["classifier.1.weight"]), dtype=np.float32).reshape(
+      shapes["classifier.1.weight"])
+  state_dict["classifier.1.weight"] = weight
+  kernel = torchvision_import.torchvision_state_dict_to_variables("alexnet", state_dict)["params"]["fc1"]["kernel"]
+  c, h, w = 5, 2, 4  # input unit (c, h, w): torch row c*36 + h*6 + w, ours h*6*256 + w*256 + c
+  np.testing.assert_array_equal(kernel[h * 6 * 256 + w * 256 + c], weight[:, c * 36 + h * 6 + w])
+
+
+def test_conversion_rejects_missing_extra_and_misshaped_keys():
+  base = _synthetic_state_dict("resnet18")
+  missing = dict(base)
+  del missing["layer3.1.bn2.running_mean"]
+  with pytest.raises(ValueError, match="missing key 'layer3.1.bn2.running_mean'"):
+    torchvision_import.torchvision_state_dict_to_variables("resnet18", missing)
+  extra = dict(base, **{"layer5.0.conv1.weight": np.zeros((2, 2), np.float32)})
+  with pytest.raises(ValueError, match="unexpected state_dict key 'layer5.0.conv1.weight'"):
+    torchvision_import.torchvision_state_dict_to_variables("resnet18", extra)
+  bad = dict(base, **{"layer1.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)})
+  with pytest.raises(ValueError, match=r"'layer1.0.conv2.weight' has shape \(64, 64, 1, 1\).*\(64, 64, 3, 3\)"):
+    torchvision_import.torchvision_state_dict_to_variables("resnet18", bad)
+  with pytest.raises(ValueError, match=r"'fc.weight' has shape \(1000, 512\).*\(10, 512\)"):
+    torchvision_import.torchvision_state_dict_to_variables("resnet18", base, num_classes=10)
+
+
+def test_check_variables_match_names_first_mismatch():
+  model = models.create_model("resnet18", num_classes=4, stem="small", width=0.125)
+  variables = models.random_variables(model, (1, 16, 16, 3))
+  torchvision_import.check_variables_match(model, variables, (1, 16, 16, 3))
+  wrong = jax.tree_util.tree_map(lambda v: v, variables)
+  wrong["params"]["fc"]["kernel"] = np.zeros((64, 5), np.float32)
+  with pytest.raises(ValueError, match=r"'params/fc/kernel' has shape \(64, 5\).*\(64, 4\)"):
+    torchvision_import.check_variables_match(model, wrong, (1, 16, 16, 3))
+  del wrong["batch_stats"]["bn1"]
+  with pytest.raises(ValueError, match="missing key 'batch_stats/bn1/mean'"):
+    torchvision_import.check_variables_match(model, wrong, (1, 16, 16, 3))

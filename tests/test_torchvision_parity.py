@@ -89,3 +89,27 @@ def test_logits_and_bn_stats_match_torchvision(arch, size):
     _assert_close(stat.batch_var, ref_var, f"{arch}@{size} BN {index} input var")
   if arch == "alexnet":
     assert out.bn == ()
+
+
+def test_import_tool_writes_a_loadable_teacher(tmp_path):
+  from prism_jax.io import teacher_store
+  from prism_jax.tools import import_torchvision
+
+  torch_model = _torch_model("shufflenet_v2_x0_5")
+  pth = tmp_path / "shufflenet.pth"
+  torch.save(torch_model.state_dict(), pth)
+  out_dir = tmp_path / "teacher"
+  assert import_torchvision.main(["--arch", "shufflenet_v2_x0_5", "--pth", str(pth),
+                                  "--out", str(out_dir)]) == 0
+  model, variables, meta = teacher_store.load_teacher(str(out_dir))
+  assert meta["model"] == dict(name="shufflenet_v2_x0_5", num_classes=NUM_CLASSES, stem="imagenet",
+                               width=1.0)
+  images = np.random.default_rng(0).normal(size=(BATCH, 97, 97, 3)).astype(np.float32)
+  ref_logits, _ = _torch_forward(torch_model, images)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  _assert_close(logits, ref_logits, "imported teacher logits")
+
+  # A wrong class count fails with the offending key named, and writes nothing.
+  assert import_torchvision.main(["--arch", "shufflenet_v2_x0_5", "--pth", str(pth),
+                                  "--out", str(tmp_path / "bad"), "--num-classes", "10"]) == 1
+  assert not teacher_store.is_complete(str(tmp_path / "bad"))

@@ -167,6 +167,14 @@ def _infer_num_classes(arch: str, state_dict: Mapping[str, Any]) -> int:
   return int(np.shape(state_dict[key])[0])
 
 
+def expected_state_dict_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+  """torch key -> shape that the port of `arch` expects (num_batches_tracked excluded)."""
+  model = registry.create_model(arch, num_classes=num_classes, stem="imagenet", width=1.0)
+  expected = _flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
+  return {key: _torch_shape(kind, suffix, expected[path])
+          for key, path, kind, suffix in _entries(KEY_MAPS[arch](arch))}
+
+
 def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any],
                                         num_classes: int | None = None) -> dict[str, Any]:
   """Converts a torchvision `state_dict` (name -> numpy array) for `arch` (imagenet stem, width 1).

@@ -54,8 +54,12 @@ class SelectionSpec:
       raise ValueError("recover.distribution='fixed' needs recover.fixed_teachers (a list of model names)")
 
   def all_bn_teachers(self) -> tuple[str, ...]:
-    names = (self.bn_primary,) + self.bn_pool + self.fixed_teachers
-    return tuple(dict.fromkeys(names))
+    """Every model the distribution can draw as a BN teacher."""
+    if self.distribution == "fixed":
+      return tuple(self.fixed_teachers)
+    if self.distribution == "single":
+      return (self.bn_primary,)
+    return tuple(dict.fromkeys((self.bn_primary,) + self.bn_pool))
 
   def all_logit_teachers(self) -> tuple[str, ...]:
     return tuple(dict.fromkeys((self.logit_teacher,) + self.logit_pool))

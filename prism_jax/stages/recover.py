@@ -138,7 +138,7 @@ def run(config, workdir: str, mesh) -> dict:
 
   teachers_dir = rc.teachers_dir or os.path.join(workdir, "teachers")
   teachers = load_teachers(spec.all_logit_teachers() + spec.all_bn_teachers(), teachers_dir, dataset)
-  bn_candidates = spec.all_bn_teachers() if rc.distribution != "single" else (spec.bn_primary,)
+  bn_candidates = spec.all_bn_teachers()
   bn_less = [t for t in bn_candidates if not teachers.has_bn[t]]
   if len(bn_less) == len(bn_candidates):
     raise ValueError(f"recover: every BN teacher candidate {bn_candidates} has no BatchNorm layer; "

@@ -1,0 +1,75 @@
+"""Import torchvision ImageNet weights as a prism_jax teacher.
+
+  python -m prism_jax.tools.import_torchvision --arch resnet18 --pth resnet18-f37072fd.pth \
+      --out workdir/teachers/resnet18 [--num-classes 1000]
+
+Loads the .pth with torch (the only place outside tests that imports torch), converts it with the
+explicit key map of `prism_jax.models.torchvision_import` (strict: any missing, unexpected or
+mis-shaped tensor stops with its name), and writes a teacher directory via `io.teacher_store`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from prism_jax.models import torchvision_import
+
+
+def load_pth_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A .pth state_dict (or a {'state_dict': ...} / {'model': ...} wrapper) as numpy arrays."""
+  import torch  # Conversion-only dependency.
+
+  obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+  for wrapper_key in ("state_dict", "model"):
+    if isinstance(obj, dict) and isinstance(obj.get(wrapper_key), dict):
+      obj = obj[wrapper_key]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(obj).__name__}")
+  return {k: v.detach().cpu().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def import_teacher(arch: str, pth: str, out_dir: str, num_classes: int | None = None) -> dict:
+  state_dict = load_pth_state_dict(pth)
+  variables = torchvision_import.torchvision_state_dict_to_variables(arch, state_dict, num_classes)
+  num_classes = int(np.shape(_final_bias(variables, arch))[0])
+  from prism_jax.io import teacher_store  # Lead-owned writer of teacher directories.
+
+  teacher_store.save_teacher(
+      out_dir, name=arch, variables=variables,
+      model_config=dict(name=arch, num_classes=num_classes, stem="imagenet", width=1.0),
+      class_names=tuple(str(i) for i in range(num_classes)), dataset="imagenet2012",
+      test_accuracy=None)
+  return variables
+
+
+def _final_bias(variables: dict, arch: str):
+  flax_path = torchvision_import.KEY_MAPS[arch](arch)[-1][1]
+  node = variables["params"]
+  for part in flax_path.split("/"):
+    node = node[part]
+  return node["bias"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--arch", required=True, choices=sorted(torchvision_import.KEY_MAPS))
+  parser.add_argument("--pth", required=True, help="torchvision state_dict file (.pth)")
+  parser.add_argument("--out", required=True, help="teacher directory to write")
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="expected class count (default: rows of the final classifier)")
+  args = parser.parse_args(argv)
+  try:
+    import_teacher(args.arch, args.pth, args.out, args.num_classes)
+  except ValueError as err:
+    print(f"import_torchvision: {args.pth}: {err}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.arch} teacher to {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

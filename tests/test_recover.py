@@ -1,0 +1,232 @@
+"""The recover stage: outputs, device-count independence, sharding, resume, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import recover_utils as ru
+from cli_utils import REPO_ROOT, cli_command, cli_env, run_cli
+from configs import common
+from prism_jax.io import artifacts
+from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.recover import engine, schedule, selection
+from prism_jax.stages import recover
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("recover_assets")
+  data = ru.write_tiny_arrays(str(root / "data"))
+  teachers = str(root / "teachers")
+  for name in ("resnet18", "mobilenet_v2", "alexnet"):
+    ru.write_random_teacher(teachers, name)
+  return {"data": data, "teachers": teachers, "root": root}
+
+
+def make_config(assets, **recover_overrides):
+  c = common.base_config()
+  c.data = common.data_config(source="arrays", name="tiny", path=assets["data"])
+  rc = c.recover
+  rc.teachers_dir = assets["teachers"]
+  rc.ipc, rc.classes_per_batch = 3, 2
+  rc.logit_teacher, rc.bn_pool = "resnet18", ("mobilenet_v2", "alexnet")
+  rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("resnet18", "mobilenet_v2"), 3
+  rc.iterations, rc.iteration_step, rc.iteration_period = 6, 2, 2
+  rc.iterations_per_call = 3
+  rc.learning_rate = 0.05
+  c.progress_interval_s = 0.0
+  for k, v in recover_overrides.items():
+    rc[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(assets, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("recover8"))
+  meta = recover.run(make_config(assets), workdir, mesh_lib.make_mesh(8))
+  return workdir, meta
+
+
+def test_outputs_images_folder_array_file_and_manifest(eight_device_run):
+  workdir, meta = eight_device_run
+  out = os.path.join(workdir, "recover")
+  arrays = np.load(os.path.join(out, "images.npz"))
+  assert arrays["images"].shape == (12, 16, 16, 3) and arrays["images"].dtype == np.uint8
+  np.testing.assert_array_equal(arrays["labels"], np.tile(np.arange(4), 3))
+  np.testing.assert_array_equal(arrays["ipc_index"], np.repeat(np.arange(3), 4))
+  assert list(arrays["class_names"]) == list(ru.CLASS_NAMES)
+  for image, label, ipc in zip(arrays["images"], arrays["labels"], arrays["ipc_index"]):
+    png = os.path.join(out, "images", f"{label:04d}_{ru.CLASS_NAMES[label]}", f"ipc{ipc:04d}.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), image)  # lossless
+  lines = [json.loads(l) for l in open(os.path.join(out, "manifest.jsonl"))]
+  assert len(lines) == 12
+  first = lines[0]
+  assert first["bn_teachers"] == ["resnet18", "mobilenet_v2"] and first["logit_teacher"] == "resnet18"
+  assert [l["iterations"] for l in lines[::4]] == [6, 4, 6]
+  assert {"class", "ipc_index", "chunk", "seed", "final_ce", "final_bn", "wall_seconds"} <= set(first)
+  assert all(np.isfinite(l["final_ce"]) and l["final_bn"] > 0 for l in lines)
+  # 6 units on 8 devices: one wave, 2 padding slots; useful work = needed / executed.
+  assert meta["num_waves"] == 1
+  assert meta["useful_work"]["useful_fraction"] == pytest.approx((6 + 4 + 6) * 2 / (8 * 6))
+  # The images moved away from their real-image initialization but stayed in range.
+  assert json.load(open(os.path.join(out, "recover.json")))["num_images"] == 12
+
+
+def test_same_images_on_one_and_eight_devices(assets, eight_device_run, tmp_path):
+  workdir8, _ = eight_device_run
+  recover.run(make_config(assets), str(tmp_path), mesh_lib.make_mesh(1))
+  got, want = recover.load_wave_images(str(tmp_path)), recover.load_wave_images(workdir8)
+  assert sorted(got) == sorted(want) == [(i, c) for i in range(3) for c in range(2)]
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4)
+  # Optimization did something, and the clip kept every pixel in the valid range.
+  init = recover.initial_images([schedule.Unit(0, 0, (0, 1), "resnet18", ("resnet18",), 6)],
+                                _dataset(assets), make_config(assets).recover, seed=0)[0]
+  assert np.abs(want[(0, 0)] - init).max() > 1e-3
+  ds = _dataset(assets)
+  low, high = (np.asarray(b) for b in recover.data_stats.pixel_bounds(ds.mean, ds.std))
+  for images in want.values():
+    assert (images >= low - 1e-6).all() and (images <= high + 1e-6).all()
+
+
+def _dataset(assets):
+  from prism_jax.data import sources
+  return sources.open_dataset(make_config(assets).data)
+
+
+def test_rerun_is_noop_and_other_config_is_refused(assets, eight_device_run):
+  workdir, meta = eight_device_run
+  again = recover.run(make_config(assets), workdir, mesh_lib.make_mesh(8))
+  assert again["num_images"] == 12
+  with pytest.raises(artifacts.ArtifactError, match="recover.learning_rate: this run has 0.1"):
+    recover.run(make_config(assets, learning_rate=0.1), workdir, mesh_lib.make_mesh(8))
+
+
+def test_compiled_step_has_no_cross_device_collective(assets):
+  ds = _dataset(assets)
+  teachers = recover.load_teachers(("resnet18", "mobilenet_v2"), assets["teachers"], ds)
+  mesh = mesh_lib.make_mesh(8)
+  width, classes, size = 8, 2, ru.IMAGE_SIZE
+  data = mesh_lib.data_sharding(mesh)
+  put = lambda x: jax.device_put(x, data)
+  state = {k: put(v) for k, v in engine.init_state(jnp.zeros((width, classes, size, size, 3))).items()}
+  keys = put(jax.random.key_data(jax.random.split(jax.random.key(0), width)))
+  args = [keys, put(jnp.zeros((width, classes), jnp.int32)), put(jnp.full((width,), 4, jnp.int32)),
+          put(jnp.ones((width, 4, 2))), put(jnp.ones((width, 4, 2)))]
+  tvars = mesh_lib.replicate((teachers.variables["resnet18"], teachers.variables["mobilenet_v2"]), mesh)
+  cfg = engine.StepConfig(("resnet18", "mobilenet_v2"), size, (-2.0,) * 3, (2.0,) * 3, 0.05, 10.0, 2)
+  models = (teachers.models["resnet18"], teachers.models["mobilenet_v2"])
+  lowered = jax.jit(engine.run_iterations, static_argnames=("models", "cfg")).lower(
+      state, *args, tvars, 0, 4, models=models, cfg=cfg)
+  hlo = lowered.compile().as_text()
+  for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+    assert op not in hlo, op
+  out = jax.jit(engine.run_iterations, static_argnames=("models", "cfg"))(state, *args, tvars, 0, 4,
+                                                                          models=models, cfg=cfg)
+  assert out["images"].sharding.spec == data.spec
+
+
+def test_teacher_weights_follow_k_averaging(assets):
+  rc = make_config(assets, distribution="bernoulli").recover
+  spec = recover.selection_spec(rc)
+  unit = schedule.Unit(0, 0, (0, 1), "resnet18", ("resnet18", "alexnet"), 5)
+  has_bn = {"resnet18": True, "mobilenet_v2": True, "alexnet": False}
+  order = ("resnet18", "alexnet")
+  ce, bn = recover.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
+  np.testing.assert_allclose(ce, [[1.0, 0.0]] * 5)
+  np.testing.assert_allclose(bn, [[0.01 / 2, 0.01 / 2]] * 5)  # alexnet counts in K (official)
+  rc.count_bn_only = True
+  _, bn = recover.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
+  np.testing.assert_allclose(bn, [[0.01, 0.01]] * 5)
+
+
+@pytest.mark.parametrize("overrides, error, pattern", [
+    (dict(distribution="bernoulli", bn_pool=("efficientnet_b0",), k_max=2), artifacts.ArtifactError,
+     r"efficientnet_b0: no teacher 'efficientnet_b0'"),
+    (dict(distribution="single", logit_teacher="alexnet", bn_pool=("mobilenet_v2",)), ValueError, "has no BatchNorm layer"),
+    (dict(distribution="bernoulli", k_max=4), ValueError, r"recover.k_max=4 needs 3 extra BN teachers"),
+    (dict(ipc=4), ValueError, r"recover.ipc=4 .* class 0 \('ant'\) has only 3"),
+])
+def test_bad_recover_configs(assets, tmp_path, overrides, error, pattern):
+  with pytest.raises(error, match=pattern):
+    recover.run(make_config(assets, **overrides), str(tmp_path), mesh_lib.make_mesh(1))
+
+
+def test_teachers_for_another_class_order_are_refused(assets, tmp_path):
+  teachers = str(tmp_path / "teachers")
+  ru.write_random_teacher(teachers, "resnet18", class_names=tuple(reversed(ru.CLASS_NAMES)))
+  ru.write_random_teacher(teachers, "mobilenet_v2")
+  with pytest.raises(artifacts.ArtifactError, match="class count or order differs"):
+    recover.run(make_config(assets, teachers_dir=teachers), str(tmp_path / "w"), mesh_lib.make_mesh(1))
+
+
+def test_non_finite_loss_stops_naming_batch_and_keeps_finished_waves(assets, tmp_path):
+  teachers = str(tmp_path / "teachers")
+  shutil.copytree(assets["teachers"], teachers)
+  ru.write_random_teacher(teachers, "mobilenet_v2", seed=3)
+  # Poison mobilenet_v2: an infinite running variance makes its BN loss infinite.
+  from prism_jax.io import teacher_store
+  model, variables, meta = teacher_store.load_teacher(os.path.join(teachers, "mobilenet_v2"))
+  variables = jax.tree_util.tree_map(np.array, variables)  # writable copies
+  first_bn = next(iter(variables["batch_stats"].values()))
+  while "var" not in first_bn:
+    first_bn = next(iter(first_bn.values()))
+  first_bn["var"][:] = np.inf
+  teacher_store.save_teacher(os.path.join(teachers, "mobilenet_v2"), name="mobilenet_v2", variables=variables,
+                             model_config=meta["model"], class_names=meta["class_names"],
+                             dataset=meta["dataset"], test_accuracy=None)
+  config = make_config(assets, teachers_dir=teachers, distribution="bernoulli", k_max=2,
+                       bn_pool=("mobilenet_v2",), p=0.5, ipc=3, classes_per_batch=4)
+  config.seed = 2
+  spec = recover.selection_spec(config.recover)
+  draws = [selection.pre_selection(spec, 2, i, 0, "ipc")[1] for i in range(3)]
+  assert ("resnet18",) in draws and ("resnet18", "mobilenet_v2") in draws  # both kinds of wave exist
+  workdir = str(tmp_path / "w")
+  with pytest.raises(FloatingPointError, match=r"recovery batch ipc_index=\d chunk=0, iteration 0"):
+    recover.run(config, workdir, mesh_lib.make_mesh(1))
+  finished = recover.load_wave_images(workdir)
+  assert finished and all(draws[i] == ("resnet18",) for i, _ in finished)
+
+
+def test_cli_recover_resumes_after_kill(assets, tmp_path):
+  overrides = ["--config.stage=recover", "--config.data.source=arrays", "--config.data.name=tiny",
+               f"--config.data.path={assets['data']}", f"--config.recover.teachers_dir={assets['teachers']}",
+               "--config.recover.ipc=3", "--config.recover.classes_per_batch=2",
+               "--config.recover.distribution=fixed", "--config.recover.fixed_teachers=('resnet18',)",
+               "--config.recover.iterations=60", "--config.recover.iteration_step=0",
+               "--config.recover.iterations_per_call=5", "--config.recover.checkpoint_every_iterations=10",
+               "--config.progress_interval_s=0"]
+  reference = run_cli("configs/quickstart.py", str(tmp_path / "reference"), *overrides)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  assert "[recover] 12 images" in reference.stdout
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(cli_command("configs/quickstart.py", workdir, *overrides), cwd=REPO_ROOT,
+                          env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wave_dir = os.path.join(workdir, "recover", "waves")
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    names = os.listdir(wave_dir) if os.path.isdir(wave_dir) else []
+    if any(n.startswith("wave00000.") and "partial" not in n for n in names) and any("partial" in n for n in names):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(workdir, "recover", "recover.json")), "killed too late"
+  resumed = run_cli("configs/quickstart.py", workdir, *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming at iteration" in resumed.stdout
+  got, want = recover.load_wave_images(workdir), recover.load_wave_images(str(tmp_path / "reference"))
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, "recover", "images.npz"))["images"],
+                                np.load(os.path.join(tmp_path, "reference", "recover", "images.npz"))["images"])
