@@ -235,3 +235,17 @@ def test_check_variables_match_names_first_mismatch():
   del wrong["batch_stats"]["bn1"]
   with pytest.raises(ValueError, match="missing key 'batch_stats/bn1/mean'"):
     torchvision_import.check_variables_match(model, wrong, (1, 16, 16, 3))
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 7), (3, 2, 8), (5, 2, 9), (5, 1, 6)])
+def test_depthwise_shift_impl_matches_grouped_conv(kernel, stride, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+  pad = (kernel - 1) // 2
+  shift = layers.DepthwiseConv(6, kernel, stride, pad, impl="shift")
+  grouped = layers.DepthwiseConv(6, kernel, stride, pad, impl="lax")
+  variables = shift.init(jax.random.key(1), x)
+  np.testing.assert_allclose(shift.apply(variables, x), grouped.apply(variables, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+           for m in (shift, grouped)]
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

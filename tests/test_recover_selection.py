@@ -102,7 +102,7 @@ def test_iteration_schedule_is_the_official_one():
     schedule.iterations_for(7, 3000, 500, 8)
 
 
-def test_scheduler_groups_by_teacher_set_and_counts_useful_work():
+def test_scheduler_packs_units_by_cost_and_counts_useful_work():
   s = spec()
   select = lambda i, c: selection.pre_selection(s, 0, i, c, "ipc")
   units = schedule.make_units(num_classes=10, ipc=16, classes_per_batch=4, select=select,
@@ -111,24 +111,31 @@ def test_scheduler_groups_by_teacher_set_and_counts_useful_work():
   waves = schedule.plan_waves(units, width=4)
   seen = [u for w in waves for u in w.units]
   assert sorted((u.ipc_index, u.chunk) for u in seen) == sorted((u.ipc_index, u.chunk) for u in units)
+  costs = [schedule.default_cost(u) for u in seen]
   for w in waves:
-    # No teacher runs for a unit that does not use it; shapes are static within a wave.
-    assert all(u.teachers() == w.teacher_set and u.bn_teachers == w.bn_teachers for u in w.units)
-    assert len({len(u.classes) for u in w.units}) == 1
+    assert len({len(u.classes) for u in w.units}) == 1  # static shapes within a wave
     assert w.iterations == max(u.iterations for u in w.units)
-  work = schedule.useful_work(waves)
-  needed = sum(u.iterations * len(u.teachers()) for u in units)
-  executed = sum(w.width * w.iterations * len(w.teacher_set) for w in waves)
-  assert work["needed"] == needed and work["executed"] == executed
-  assert 0 < work["useful_fraction"] <= 1
+  # Longest first within each chunk size: costs never increase inside a size group.
+  for size in (4, 2):
+    group = [schedule.default_cost(u) for u in seen if len(u.classes) == size]
+    assert group == sorted(group, reverse=True)
+  work = schedule.useful_work(waves, num_devices=4)
+  assert work["needed"] == work["executed"] == sum(costs) and work["useful_fraction"] == 1.0
+  assert 0.5 < work["device_occupancy"] <= 1.0
 
 
-def test_useful_fraction_by_hand():
+def test_useful_work_and_occupancy_by_hand():
   u = lambda i, t, teachers: schedule.Unit(i, 0, (0, 1), teachers[0], teachers, t)
   units = [u(0, 100, ("a",)), u(1, 50, ("a",)), u(2, 100, ("a", "b"))]
   waves = schedule.plan_waves(units, width=2)
-  # Wave 1: units 0 and 1 with teacher a, runs 100 iterations x 2 slots: needed 150 of 200.
-  # Wave 2: unit 2 (a, b) padded to 2 slots: needed 200 of 400.
-  work = schedule.useful_work(waves)
-  assert work["needed"] == 350 and work["executed"] == 600
-  assert work["useful_fraction"] == pytest.approx(350 / 600)
+  assert [[x.ipc_index for x in w.units] for w in waves] == [[2, 0], [1]]
+  # Wave 1 rows cost 200 and 100 -> lasts 200 on 2 devices; wave 2: 50 + padding -> lasts 50.
+  work = schedule.useful_work(waves, num_devices=2)
+  assert work["needed"] == 350 and work["useful_fraction"] == 1.0
+  assert work["device_occupancy"] == pytest.approx(350 / (2 * 200 + 2 * 50))
+  # Without per-teacher skipping every unit runs both teachers: 2 x (100 + 50 + 100) executed.
+  naive = schedule.useful_work(waves, num_devices=2, executed_cost=lambda x: 2.0 * x.iterations)
+  assert naive["executed"] == 500 and naive["useful_fraction"] == pytest.approx(350 / 500)
+  # Two units on one device run one after the other: its load is their sum.
+  one = schedule.useful_work(waves, num_devices=1)
+  assert one["device_occupancy"] == 1.0

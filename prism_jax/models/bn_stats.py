@@ -52,9 +52,3 @@ def forward_with_bn_stats(model: nn.Module, variables: Mapping[str, Any],
     logits, features = model.apply(variables, images, train=False, return_features=True)
   return TeacherOutput(logits, features, tuple(records))
 
-
-def bn_layer_count(model: nn.Module, variables: Mapping[str, Any], image_shape) -> int:
-  """Number of BN layers a forward pass visits (abstract evaluation, no FLOPs)."""
-  images = jax.ShapeDtypeStruct(tuple(image_shape), jax.numpy.float32)
-  out = jax.eval_shape(lambda v, x: forward_with_bn_stats(model, v, x), variables, images)
-  return len(out.bn)

@@ -76,7 +76,8 @@ class MBConv(nn.Module):
     expanded = layers.make_divisible(self.in_channels * self.expand_ratio, 8)
     out = x
     if expanded != self.in_channels:
-      out = layers.ConvBN(expanded, 1, activation=nn.silu, dtype=self.dtype, name="expand")(out, train)
+      out = layers.ConvBN(expanded, 1, activation=nn.silu, dtype=self.dtype,
+                          name="expand")(out, train)
     out = layers.ConvBN(expanded, self.kernel, self.stride, groups=expanded, activation=nn.silu,
                         dtype=self.dtype, name="depthwise")(out, train)
     out = SqueezeExcitation(max(1, self.in_channels // 4), dtype=self.dtype, name="se")(out)

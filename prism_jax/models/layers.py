@@ -34,21 +34,68 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 def batch_moments(x: jax.Array, axes: Sequence[int] = (0, 1, 2)) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance in float32 with the two-pass formula (no E[x^2]-E[x]^2 cancellation)."""
+  """Mean and biased variance in float32, two-pass (no E[x^2] - E[x]^2 cancellation)."""
   x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=tuple(axes))
+  mean = jnp.mean(x, axis=tuple(axes), keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=tuple(axes))
-  return mean, var
+  return jnp.squeeze(mean, axis=tuple(axes)), var
 
 
 def conv(features: int, kernel_size: int, stride: int = 1, *, padding: int | None = None,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-  """nn.Conv with torch-style explicit symmetric padding (default (k - 1) // 2, as torchvision)."""
+         name: str | None = None) -> nn.Module:
+  """Conv with torch-style explicit symmetric padding (default (k - 1) // 2, as torchvision).
+
+  `groups == features` (> 1) means a depthwise conv (the caller guarantees in == out channels);
+  it gets `DepthwiseConv`, which has the same parameter tree as nn.Conv.
+  """
   pad = (kernel_size - 1) // 2 if padding is None else padding
+  if groups > 1 and groups == features and not use_bias:
+    return DepthwiseConv(features, kernel_size, stride, pad, dtype=dtype, name=name)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
                  dtype=dtype, kernel_init=conv_init, name=name)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv (channel multiplier 1), kernel (k, k, 1, C) as nn.Conv would hold it.
+
+  XLA:CPU lowers grouped convolutions 10-100x slower than PyTorch (forward and input gradient, see
+  benchmarks/teachers.py), so on CPU it is computed as a sum of k*k strided, shifted slices times
+  per-channel weights; on GPU/TPU the grouped convolution is used.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dtype: Dtype = jnp.float32
+  impl: str = "auto"  # 'auto' (shifted slices on CPU), 'shift' or 'lax'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, p = self.kernel_size, self.stride, self.padding
+    if x.shape[-1] != self.features:
+      raise ValueError(f"depthwise conv expects {self.features} input channels, got {x.shape[-1]}")
+    kernel = self.param("kernel", conv_init, (k, k, 1, self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    impl = self.impl
+    if impl == "auto":
+      impl = "shift" if jax.default_backend() == "cpu" else "lax"
+    if impl == "lax":
+      return jax.lax.conv_general_dilated(
+          x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=self.features)
+    n, h, w, c = x.shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for i in range(k):
+      for j in range(k):
+        end = (n, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c)
+        window = jax.lax.slice(padded, (0, i, j, 0), end, (1, s, s, 1))
+        term = window * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
 
 
 class BatchNorm(nn.Module):
@@ -122,9 +169,12 @@ def _adaptive_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
 
 def adaptive_avg_pool(x: jax.Array, out_size: tuple[int, int]) -> jax.Array:
   """torch AdaptiveAvgPool2d on NHWC for any input size (bins may overlap or repeat)."""
-  rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in _adaptive_bins(x.shape[1], out_size[0])]
+  # Separable: the mean over a rectangle is the mean over rows of the means over columns.
+  rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True)
+          for a, b in _adaptive_bins(x.shape[1], out_size[0])]
   x = jnp.concatenate(rows, axis=1)
-  cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in _adaptive_bins(x.shape[2], out_size[1])]
+  cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True)
+          for a, b in _adaptive_bins(x.shape[2], out_size[1])]
   return jnp.concatenate(cols, axis=2)
 
 

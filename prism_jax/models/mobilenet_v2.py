@@ -84,7 +84,8 @@ class MobileNetV2(nn.Module):
                       activation=relu6, dtype=self.dtype, name="features_0")(x, train)
     configs = block_configs(self.width, self.stem)
     for index, (cin, cout, stride, t) in enumerate(configs, start=1):
-      x = InvertedResidual(cin, cout, stride, t, dtype=self.dtype, name=f"features_{index}")(x, train)
+      block = InvertedResidual(cin, cout, stride, t, dtype=self.dtype, name=f"features_{index}")
+      x = block(x, train)
     last = layers.make_divisible(LAST_CHANNELS * self.width, 8)  # torchvision: max(1, width)
     x = layers.ConvBN(last, 1, activation=relu6, dtype=self.dtype,
                       name=f"features_{len(configs) + 1}")(x, train)

@@ -27,6 +27,8 @@ LayerMap = list[tuple[str, str, str]]  # (torch prefix, flax path 'a/b', kind)
 _KIND_SUFFIXES = {"conv": ("weight",), "conv_bias": ("weight", "bias"),
                   "bn": ("weight", "bias", "running_mean", "running_var"),
                   "linear": ("weight", "bias"), "linear_chw": ("weight", "bias")}
+_BN_TARGETS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
 
 def _conv_bn(torch_prefix: str, flax_path: str, conv_index: int = 0) -> LayerMap:
@@ -46,7 +48,8 @@ def resnet_map(arch: str) -> LayerMap:
     for index in range(num_blocks):
       tp, fp = f"layer{stage + 1}.{index}", f"layer{stage + 1}_{index}"
       for i in range(1, convs + 1):
-        layer_map += [(f"{tp}.conv{i}", f"{fp}/conv{i}", "conv"), (f"{tp}.bn{i}", f"{fp}/bn{i}", "bn")]
+        layer_map += [(f"{tp}.conv{i}", f"{fp}/conv{i}", "conv"),
+                      (f"{tp}.bn{i}", f"{fp}/bn{i}", "bn")]
       if index == 0 and (stage > 0 or in_channels != out_channels):
         layer_map += [(f"{tp}.downsample.0", f"{fp}/downsample_conv", "conv"),
                       (f"{tp}.downsample.1", f"{fp}/downsample_bn", "bn")]
@@ -126,9 +129,8 @@ def _entries(layer_map: LayerMap) -> Iterator[tuple[str, tuple[str, ...], str, s
     parts = tuple(flax_path.split("/"))
     for suffix in _KIND_SUFFIXES[kind]:
       if kind == "bn":
-        target = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-                  "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}[suffix]
-        path = (target[0],) + parts + (target[1],)
+        collection, leaf = _BN_TARGETS[suffix]
+        path = (collection,) + parts + (leaf,)
       else:
         path = ("params",) + parts + ("kernel" if suffix == "weight" else "bias",)
       yield f"{torch_prefix}.{suffix}", path, kind, suffix
@@ -208,8 +210,8 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
     consumed.add(torch_key)
   for key in state_dict:
     if key not in consumed and not key.endswith("num_batches_tracked"):
-      raise ValueError(f"unexpected state_dict key '{key}' (shape {tuple(np.shape(state_dict[key]))}) "
-                       f"for {arch}")
+      raise ValueError(f"unexpected state_dict key '{key}' "
+                       f"(shape {tuple(np.shape(state_dict[key]))}) for {arch}")
   missing = [p for p in expected if _get(variables, p) is None]
   if missing:
     raise ValueError(f"key map of {arch} leaves '{'/'.join(missing[0])}' unset")
@@ -229,7 +231,8 @@ def check_variables_match(model, variables: Mapping[str, Any], x_shape=(1, 32, 3
       raise ValueError(f"{source}: key '{name}' has shape {got[path]}, the model expects {shape}")
   for path, shape in got.items():
     if path not in expected:
-      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}) not in the model")
+      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), "
+                       "not in the model")
 
 
 def _abstract_variables(model, x_shape) -> Any:

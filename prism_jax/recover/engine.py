@@ -1,23 +1,28 @@
-"""The recovery program: a wave of stacked recovery batches optimized together (SPEC 4.3, 4.5).
+"""The recovery program: a wave of recovery batches ("units") optimized side by side (SPEC 4.3, 4.5).
 
-A wave holds W units (recovery batches) stacked on a leading axis that is sharded over the mesh's
-data axis; teacher variables are replicated. Each unit is optimized independently (its own BN
-batch statistics, augmentation draws, learning-rate schedule and Adam state), so a step needs no
-cross-device communication and results do not depend on how units are laid out on devices.
+A wave holds W units stacked on a leading axis that is sharded over the mesh's data axis; teacher
+variables are replicated. The program is a `jax.shard_map`: every device runs its own units one
+after another (`lax.map`), each for its own number of iterations, so there is no cross-device
+communication and results do not depend on how units are laid out on devices.
 
-Memory: the gradient of the sum over teachers is accumulated one teacher at a time with the
-augmented batch threaded through `optimization_barrier`, so teacher k+1's forward cannot start
-before teacher k's backward is done and only one teacher's activations are live at a time; the
-augmentation's pullback is applied once to the summed gradient.
+Per unit and iteration, each teacher sits behind a `lax.cond` on "does this unit use this teacher
+at this iteration": a teacher is never evaluated for a unit that does not use it (also when
+`strategy='intra'` re-draws teachers every iteration), padding units and finished units cost
+nothing, and units with different teacher sets can share a wave. The conds also bound memory: the
+gradient of the sum over teachers is accumulated one teacher at a time (teacher k+1's branch takes
+teacher k's accumulated gradient as input), so only one teacher's activations are live at once.
+The augmentation's pullback is applied once to the summed gradient. `sequential_teachers=False`
+switches to the naive form (one gradient of the summed loss, every teacher always evaluated),
+kept as the baseline for the memory benchmark.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from prism_jax.data import augment as aug
 from prism_jax.models import bn_stats
@@ -41,7 +46,7 @@ class StepConfig:
   adam_eps: float = 1e-8
   tv_weight: float = 0.0
   l2_weight: float = 0.0
-  sequential_teachers: bool = True   # optimization_barrier between teachers (memory bound)
+  sequential_teachers: bool = True   # per-teacher conds (skip unused, one teacher live at a time)
 
 
 
@@ -65,28 +70,40 @@ def unit_loss_grad(images, labels, aug_key, ce_weights, bn_weights, teachers, cf
   params = aug.sample_recover_aug_params(aug_key, (cfg.image_size, cfg.image_size), cfg.jitter,
                                          scale=cfg.rrc_scale, flip=cfg.flip)
   augmented, pullback = jax.vjp(lambda x: aug.apply_recover_aug(x, params), images)
-  grad = jnp.zeros_like(augmented)
-  ce_total = jnp.zeros((), jnp.float32)
-  bn_total = jnp.zeros((), jnp.float32)
-  for k, (model, variables) in enumerate(teachers):
-    def loss_fn(x, model=model, variables=variables, k=k):
-      out = bn_stats.forward_with_bn_stats(model, variables, x)
-      ce = objective.cross_entropy(out.logits, labels)
-      bn = objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
-      return ce_weights[k] * ce + bn_weights[k] * bn, (ce_weights[k] * ce, bn_weights[k] * bn)
-    (_, (ce, bn)), g = jax.value_and_grad(loss_fn, has_aux=True)(augmented)
-    grad = grad + g
-    ce_total, bn_total = ce_total + ce, bn_total + bn
-    if cfg.sequential_teachers and k + 1 < len(teachers):
-      augmented, grad = jax.lax.optimization_barrier((augmented, grad))
+
+  def teacher_loss(x, k):
+    model, variables = teachers[k]
+    out = bn_stats.forward_with_bn_stats(model, variables, x)
+    ce = ce_weights[k] * objective.cross_entropy(out.logits, labels)
+    bn = bn_weights[k] * objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
+    return ce + bn, (ce, bn)
+
+  zero = jnp.zeros((), jnp.float32)
+  if cfg.sequential_teachers:
+    carry = (jnp.zeros_like(augmented), zero, zero)
+    for k in range(len(teachers)):
+      def run_teacher(carry, k=k):
+        grad, ce_total, bn_total = carry
+        (_, (ce, bn)), g = jax.value_and_grad(teacher_loss, has_aux=True)(augmented, k)
+        return grad + g, ce_total + ce, bn_total + bn
+      used = (ce_weights[k] > 0) | (bn_weights[k] > 0)
+      carry = jax.lax.cond(used, run_teacher, lambda carry: carry, carry)
+    grad, ce_total, bn_total = carry
+  else:
+    def joint_loss(x):
+      terms = [teacher_loss(x, k)[1] for k in range(len(teachers))]
+      ce_total = sum(t[0] for t in terms)
+      bn_total = sum(t[1] for t in terms)
+      return ce_total + bn_total, (ce_total, bn_total)
+    (_, (ce_total, bn_total)), grad = jax.value_and_grad(joint_loss, has_aux=True)(augmented)
   (image_grad,) = pullback(grad)
-  prior = jnp.zeros((), jnp.float32)
   if cfg.tv_weight or cfg.l2_weight:
     def prior_fn(x):
       return cfg.tv_weight * objective.total_variation(x) + cfg.l2_weight * jnp.sqrt(jnp.sum(x * x))
     prior, prior_grad = jax.value_and_grad(prior_fn)(images)
     image_grad = image_grad + prior_grad
-  return image_grad, ce_total, bn_total + prior
+    bn_total = bn_total + prior
+  return image_grad, ce_total, bn_total
 
 
 def adam_update(images, m, v, grad, t, total, cfg: StepConfig):
@@ -104,31 +121,40 @@ def adam_update(images, m, v, grad, t, total, cfg: StepConfig):
 
 
 def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables,
-                   start, stop, *, models: tuple, cfg: StepConfig):
-  """Runs iterations [start, stop) for every unit of a wave.
+                   start, stop, *, models: tuple, cfg: StepConfig, mesh):
+  """Runs iterations [start, min(stop, T_u)) of every unit u of a wave.
 
-  Shapes (W = units in the wave): state arrays (W, C, H, W, 3) / (W,); unit_keys (W,) keys;
-  labels (W, C); totals (W,) iteration counts T_u (0 for padding units); ce_weights, bn_weights
-  (W, T_max, n_teachers) per-iteration teacher weights. A unit with t >= T_u is left unchanged.
+  Shapes (W = units in the wave, a multiple of the mesh size): state arrays (W, C, H, W, 3) / (W,);
+  unit_keys (W, 2) uint32 key data; labels (W, C); totals (W,) iteration counts T_u (0 for padding
+  units); ce_weights, bn_weights (W, T_max, n_teachers) per-iteration teacher weights.
   """
-  teachers = tuple(zip(models, teacher_variables))
+  teachers_static = tuple(models)
+  wave = P(mesh.axis_names[0])
 
-  def one_unit(images, m, v, last_ce, last_bn, bad_at, key, unit_labels, total, ce_w, bn_w, t):
-    grad, ce, bn = unit_loss_grad(images, unit_labels, jax.random.fold_in(key, t), ce_w[t], bn_w[t],
-                                  teachers, cfg)
-    new_images, new_m, new_v = adam_update(images, m, v, grad, t, jnp.maximum(total, 1), cfg)
-    active = t < total
-    finite = jnp.isfinite(ce) & jnp.isfinite(bn) & jnp.all(jnp.isfinite(grad))
-    bad_at = jnp.where(active & ~finite & (bad_at < 0), t, bad_at)
-    keep = active & finite
-    pick = lambda new, old: jnp.where(keep, new, old)
-    return (pick(new_images, images), pick(new_m, m), pick(new_v, v),
-            pick(ce, last_ce), pick(bn, last_bn), bad_at)
+  def local(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables, start, stop):
+    teachers = tuple(zip(teachers_static, teacher_variables))
 
-  def body(t, st):
-    out = jax.vmap(one_unit, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None))(
-        st["images"], st["adam_m"], st["adam_v"], st["last_ce"], st["last_bn"], st["nonfinite_at"],
-        unit_keys, labels, totals, ce_weights, bn_weights, t)
-    return dict(zip(("images", "adam_m", "adam_v", "last_ce", "last_bn", "nonfinite_at"), out))
+    def one_unit(unit):
+      st, key_data, unit_labels, total, ce_w, bn_w = unit
+      key = jax.random.wrap_key_data(key_data)
 
-  return jax.lax.fori_loop(start, stop, body, state)
+      def body(t, st):
+        grad, ce, bn = unit_loss_grad(st["images"], unit_labels, jax.random.fold_in(key, t), ce_w[t],
+                                      bn_w[t], teachers, cfg)
+        images, m, v = adam_update(st["images"], st["adam_m"], st["adam_v"], grad, t, total, cfg)
+        finite = jnp.isfinite(ce) & jnp.isfinite(bn) & jnp.all(jnp.isfinite(grad))
+        ok = finite & (st["nonfinite_at"] < 0)
+        pick = lambda new, old: jnp.where(ok, new, old)
+        return {"images": pick(images, st["images"]), "adam_m": pick(m, st["adam_m"]),
+                "adam_v": pick(v, st["adam_v"]), "last_ce": pick(ce, st["last_ce"]),
+                "last_bn": pick(bn, st["last_bn"]),
+                "nonfinite_at": jnp.where(~finite & (st["nonfinite_at"] < 0), t, st["nonfinite_at"])}
+
+      end = jnp.maximum(start, jnp.minimum(stop, total))
+      return jax.lax.fori_loop(start, end, body, st)
+
+    return jax.lax.map(one_unit, (state, unit_keys, labels, totals, ce_weights, bn_weights))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(wave,) * 6 + (P(), P(), P()), out_specs=wave,
+                       check_vma=False)(state, unit_keys, labels, totals, ce_weights, bn_weights,
+                                        teacher_variables, start, stop)

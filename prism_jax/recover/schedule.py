@@ -1,11 +1,14 @@
 """Recovery work units and the wave scheduler (SPEC 4.5).
 
 A unit = one recovery batch (one IPC index x one chunk of classes). Units differ in their teacher
-sets and iteration counts. The scheduler packs units into *waves*: each wave is one vmapped,
-device-sharded program that runs exactly the teachers its units use, for as many iterations as its
-longest unit (shorter units are frozen once done). Waves only mix units with the same teacher
-set, and within a set units are sorted by iteration count, so little compute is spent on masked
-steps. The useful-work fraction = needed teacher-iterations / executed teacher-iterations.
+sets and iteration counts. A *wave* is one compiled, device-sharded call over `width` units (one
+row each); inside it every device runs its rows one after another, each for its own iteration
+count, evaluating only the teachers a unit uses (see recover/engine.py). So no teacher-iteration is
+spent on a unit that does not need it (the useful-work fraction of executed teacher-iterations is
+1 unless `sequential_teachers=False`), and what remains to optimize is load balance: a wave lasts
+as long as its busiest device. The scheduler sorts units by cost (iterations x teachers, longest
+first) before packing, so each wave holds units of similar cost; the device occupancy
+(needed work / devices x wave durations) measures what is left idle.
 """
 
 from __future__ import annotations
@@ -46,10 +49,8 @@ class Unit:
 @dataclasses.dataclass(frozen=True)
 class Wave:
   index: int
-  units: tuple[Unit, ...]            # real units; the wave is padded to `width` with copies
+  units: tuple[Unit, ...]            # real units, in row order; rows past them are padding
   width: int
-  teacher_set: tuple[str, ...]
-  bn_teachers: tuple[str, ...]
   iterations: int                    # max over units
 
   @property
@@ -71,34 +72,43 @@ def make_units(num_classes: int, ipc: int, classes_per_batch: int,
   return units
 
 
-def plan_waves(units: Sequence[Unit], width: int,
-               group_by_bn_set: bool = True) -> list[Wave]:
-  """Packs units into waves of `width` (a multiple of the device count).
+def default_cost(unit: Unit) -> float:
+  """Teacher-iterations of a unit (each distinct teacher evaluated once per iteration)."""
+  return float(unit.iterations * len(unit.teachers()))
 
-  Units of a wave share the same class-chunk size (static shapes) and teacher set; sorted by
-  iteration count (longest first) so each wave's units have similar T.
-  """
-  groups: dict[tuple, list[Unit]] = {}
+
+def plan_waves(units: Sequence[Unit], width: int,
+               cost: Callable[[Unit], float] = default_cost) -> list[Wave]:
+  """Packs units into waves of `width` rows; a wave's units share the class-chunk size."""
+  groups: dict[int, list[Unit]] = {}
   for u in units:
-    key = (len(u.classes), u.teachers(), u.bn_teachers if group_by_bn_set else ())
-    groups.setdefault(key, []).append(u)
+    groups.setdefault(len(u.classes), []).append(u)
   waves = []
-  for key in sorted(groups, key=lambda k: (-k[0], k[1], k[2])):
-    members = sorted(groups[key], key=lambda u: (-u.iterations, u.ipc_index, u.chunk))
+  for size in sorted(groups, reverse=True):
+    members = sorted(groups[size], key=lambda u: (-cost(u), u.ipc_index, u.chunk))
     for start in range(0, len(members), width):
       batch = tuple(members[start:start + width])
-      waves.append(Wave(len(waves), batch, width, batch[0].teachers(), batch[0].bn_teachers,
-                        max(u.iterations for u in batch)))
+      waves.append(Wave(len(waves), batch, width, max(u.iterations for u in batch)))
   return waves
 
 
-def useful_work(waves: Sequence[Wave], teacher_cost: dict[str, float] | None = None) -> dict[str, float]:
-  """Needed vs executed teacher-iterations (optionally weighted by per-teacher cost)."""
-  cost = (lambda t: teacher_cost.get(t, 1.0)) if teacher_cost else (lambda t: 1.0)
-  needed = executed = 0.0
+def useful_work(waves: Sequence[Wave], num_devices: int, cost: Callable[[Unit], float] = default_cost,
+                executed_cost: Callable[[Unit], float] | None = None) -> dict[str, float]:
+  """Needed vs executed teacher-iterations, and device occupancy.
+
+  `executed_cost` is what a unit really runs (default: what it needs, as the per-teacher conds
+  guarantee); occupancy = needed / sum over waves of (devices x busiest device's executed work).
+  """
+  executed_cost = executed_cost or cost
+  needed = executed = device_time = 0.0
   for w in waves:
-    wave_cost = sum(cost(t) for t in w.teacher_set)
-    executed += w.width * w.iterations * wave_cost
-    needed += sum(u.iterations * sum(cost(t) for t in u.teachers()) for u in w.units)
+    rows_per_device = w.width // num_devices
+    loads = [0.0] * num_devices
+    for row, u in enumerate(w.units):
+      needed += cost(u)
+      executed += executed_cost(u)
+      loads[row // rows_per_device] += executed_cost(u)
+    device_time += num_devices * max(loads)
   return {"needed": needed, "executed": executed,
-          "useful_fraction": needed / executed if executed else 1.0}
+          "useful_fraction": needed / executed if executed else 1.0,
+          "device_occupancy": needed / device_time if device_time else 1.0}

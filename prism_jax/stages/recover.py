@@ -83,7 +83,9 @@ def load_teachers(names, teachers_dir: str, dataset) -> Teachers:
           "torchvision weights with `python -m prism_jax.tools.import_torchvision`")
     model, var, _ = teacher_store.load_teacher(path, expected_class_names=dataset.class_names)
     models[name], variables[name] = model, var
-    has_bn[name] = bn_stats.bn_layer_count(model, var, (2, dataset.image_size, dataset.image_size, 3)) > 0
+    images = jax.ShapeDtypeStruct((2, dataset.image_size, dataset.image_size, 3), jnp.float32)
+    out = jax.eval_shape(functools.partial(bn_stats.forward_with_bn_stats, model), var, images)
+    has_bn[name] = len(out.bn) > 0
   return Teachers(models, variables, has_bn)
 
 
@@ -137,7 +139,10 @@ def run(config, workdir: str, mesh) -> dict:
     artifacts.write_json(run_path, fp)
 
   teachers_dir = rc.teachers_dir or os.path.join(workdir, "teachers")
-  teachers = load_teachers(spec.all_logit_teachers() + spec.all_bn_teachers(), teachers_dir, dataset)
+  # One canonical teacher order for the whole job: one compiled program serves every wave, and a
+  # unit's gradient sums teachers in the same order whatever wave it lands in.
+  order = tuple(dict.fromkeys(spec.all_logit_teachers() + spec.all_bn_teachers()))
+  teachers = load_teachers(order, teachers_dir, dataset)
   bn_candidates = spec.all_bn_teachers()
   bn_less = [t for t in bn_candidates if not teachers.has_bn[t]]
   if len(bn_less) == len(bn_candidates):
@@ -155,12 +160,27 @@ def run(config, workdir: str, mesh) -> dict:
     select = lambda i, c: (spec.logit_teacher, spec.all_bn_teachers())
   units = schedule.make_units(dataset.num_classes, rc.ipc, rc.classes_per_batch, select, iterations,
                               ipc_start=rc.ipc_start)
+  weights_cache: dict = {}
+
+  def unit_weights(u):
+    if u not in weights_cache:
+      weights_cache[u] = teacher_weights(u, order, spec, rc, config.seed, teachers.has_bn, u.iterations)
+    return weights_cache[u]
+
+  def needed(u):  # teacher-iterations the unit really uses
+    if rc.strategy == "pre":
+      return schedule.default_cost(u)
+    ce, bn = unit_weights(u)
+    return float(np.count_nonzero((ce > 0) | (bn > 0)))
+
+  executed = needed if rc.sequential_teachers else (lambda u: float(u.iterations * len(order)))
   width = mesh.devices.size * rc.units_per_device
-  waves = schedule.plan_waves(units, width)
-  work = schedule.useful_work(waves)
+  waves = schedule.plan_waves(units, width, cost=needed)
+  work = schedule.useful_work(waves, mesh.devices.size, cost=needed, executed_cost=executed)
   print(f"[recover] {len(units)} recovery batches ({rc.ipc - rc.ipc_start} IPC x "
         f"{-(-dataset.num_classes // rc.classes_per_batch)} chunks) in {len(waves)} waves of {width} "
-        f"on {mesh.devices.size} device(s); useful-work fraction {work['useful_fraction']:.3f}", flush=True)
+        f"on {mesh.devices.size} device(s); teachers {order}; useful-work fraction "
+        f"{work['useful_fraction']:.3f}, device occupancy {work['device_occupancy']:.3f}", flush=True)
 
   writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", "recover"))
   mean, std = dataset.mean, dataset.std
@@ -173,7 +193,7 @@ def run(config, workdir: str, mesh) -> dict:
                                  interval_s=config.progress_interval_s)
   done_iters = 0
   for wave in waves:
-    result = run_wave(wave, config, dataset, teachers, spec, mesh, out_dir,
+    result = run_wave(wave, order, unit_weights, config, dataset, teachers, mesh, out_dir,
                       low=tuple(map(float, low)), high=tuple(map(float, high)),
                       progress=progress, progress_offset=done_iters, writer=writer)
     done_iters += wave.iterations
@@ -240,8 +260,8 @@ def initial_images(units, dataset, rc, seed: int) -> np.ndarray:
   return np.stack(out).astype(np.float32)
 
 
-def run_wave(wave: schedule.Wave, config, dataset, teachers: Teachers, spec, mesh, out_dir: str, *,
-             low, high, progress, progress_offset: int, writer):
+def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers: Teachers, mesh,
+             out_dir: str, *, low, high, progress, progress_offset: int, writer):
   """Runs (or loads) one wave; returns [(unit, images (C,H,W,3), final_ce, final_bn, seconds)]."""
   rc = config.recover
   final_path = _wave_path(out_dir, wave)
@@ -254,12 +274,11 @@ def run_wave(wave: schedule.Wave, config, dataset, teachers: Teachers, spec, mes
     return _records(local_units, is_real, saved)
 
   start = time.perf_counter()
-  order = wave.teacher_set
   t_max = wave.iterations
   totals = np.asarray([u.iterations if real else 0 for u, real in zip(local_units, is_real)], np.int32)
-  weights = [teacher_weights(u, order, spec, rc, config.seed, teachers.has_bn, t_max) for u in local_units]
-  ce_w = np.stack([w[0] for w in weights])
-  bn_w = np.stack([w[1] for w in weights])
+  pad_to = lambda w: np.pad(w, ((0, t_max - w.shape[0]), (0, 0)))
+  ce_w = np.stack([pad_to(unit_weights(u)[0]) for u in local_units])
+  bn_w = np.stack([pad_to(unit_weights(u)[1]) for u in local_units])
   labels = np.asarray([u.classes for u in local_units], np.int32)
   keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(_unit_key(config.seed, u), 0)))
                    for u in local_units])
@@ -288,7 +307,7 @@ def run_wave(wave: schedule.Wave, config, dataset, teachers: Teachers, spec, mes
   t = t0
   while t < t_max:
     stop = min(t + rc.iterations_per_call, t_max)
-    state = step(state, *args, teacher_vars, t, stop, models=models, cfg=cfg)
+    state = step(state, *args, teacher_vars, np.int32(t), np.int32(stop), models=models, cfg=cfg, mesh=mesh)
     bad = np.asarray(jax.device_get(state["nonfinite_at"]))
     previous, t = t, stop
     if (bad >= 0).any():
@@ -346,4 +365,4 @@ def _records(local_units, is_real, saved):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_step():
-  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg"), donate_argnums=(0,))
+  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh"), donate_argnums=(0,))
