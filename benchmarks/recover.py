@@ -21,6 +21,7 @@ Teachers have random weights: speed and memory do not depend on the values.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prism_jax import models
+from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.recover import engine, schedule, selection
 
 EXTRAS = ("mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5")
@@ -67,7 +69,9 @@ def lower(teachers, names, size, classes, iterations, ce_names, bn_names, sequen
   state, args = wave_inputs(width, classes, size, iterations, names, ce_names, bn_names)
   cfg = engine.StepConfig(tuple(names), size, (-2.2,) * 3, (2.7,) * 3, 0.05, 10.0,
                           max(1, round(32 * size / 224)), sequential_teachers=sequential)
-  fn = jax.jit(engine.run_iterations, static_argnames=("models", "cfg"), donate_argnums=(0,))
+  mesh = mesh_lib.make_mesh(1)
+  fn = jax.jit(functools.partial(engine.run_iterations, mesh=mesh), static_argnames=("models", "cfg"),
+               donate_argnums=(0,))
   m = tuple(t[0] for t in teachers)
   v = tuple(t[1] for t in teachers)
   return fn, state, args, v, m, cfg
@@ -83,11 +87,11 @@ def part_throughput(args):
       fn, state, fargs, v, m, cfg = lower(teachers, names, size, classes, iters + 1, {0},
                                           set(range(len(names))))
       t0 = time.perf_counter()
-      state = fn(state, *fargs, v, 0, 1, models=m, cfg=cfg)
+      state = fn(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg)
       jax.block_until_ready(state)
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
-      state = fn(state, *fargs, v, 1, iters + 1, models=m, cfg=cfg)
+      state = fn(state, *fargs, v, np.int32(1), np.int32(iters + 1), models=m, cfg=cfg)
       jax.block_until_ready(state)
       secs = time.perf_counter() - t0
       label = "SRe2L-like (1 teacher)" if k_extra == 0 else f"PRISM R18 + {k_extra} extra"
@@ -110,7 +114,7 @@ def part_memory(args):
       fn, state, fargs, v, m, cfg = lower(teachers_all[:k], names, size, classes, 2, {0},
                                           set(range(k)), sequential=sequential)
       t0 = time.perf_counter()
-      compiled = fn.lower(state, *fargs, v, 0, 1, models=m, cfg=cfg).compile()
+      compiled = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg).compile()
       mem = compiled.memory_analysis()
       temp = mem.temp_size_in_bytes
       rows.append({"K": k, "teachers": list(names), "sequential_teachers": sequential,
@@ -132,7 +136,7 @@ def part_flops(args):
                                ("separate logit + BN forwards", ("resnet18", "resnet18"), {0}, {1}),
                                ("logits only (CE)", ("resnet18",), {0}, set())):
     fn, state, fargs, v, m, cfg = lower(teachers * len(names), names, size, args.flops_batch, 2, ce, bn)
-    cost = fn.lower(state, *fargs, v, 0, 1, models=m, cfg=cfg).compile().cost_analysis()
+    cost = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[label] = float(cost.get("flops", float("nan")))
     print(f"  {label:30} {out[label] / 1e9:9.2f} GFLOP per iteration", flush=True)

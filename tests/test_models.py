@@ -1,5 +1,6 @@
 """Zoo models: construction, shapes, train/eval behaviour, width rounding, layout helpers."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,13 +21,17 @@ def _init(model, x):
 def test_calling_convention_with_real_init():
   model = models.create_model("alexnet", num_classes=NUM_CLASSES, stem="small", width=0.125)
   x = jnp.zeros((2, 32, 32, 3))
-  init = jax.jit(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                      x, train=False))
-  variables = init(x)
-  assert set(variables) == {"params"}
+
+  @jax.jit
+  def init_and_apply(x):
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                           train=False)
+    return variables, model.apply(variables, x, train=False)
+
+  variables, logits = init_and_apply(x)
+  assert set(variables) == {"params"} and logits.shape == (2, NUM_CLASSES)
   expected = models.random_variables(model, x.shape)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
-  assert model.apply(variables, x, train=False).shape == (2, NUM_CLASSES)
 
 
 def test_registry_names_and_errors():
@@ -237,15 +242,24 @@ def test_check_variables_match_names_first_mismatch():
     torchvision_import.check_variables_match(model, wrong, (1, 16, 16, 3))
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 7), (3, 2, 8), (5, 2, 9), (5, 1, 6)])
-def test_depthwise_shift_impl_matches_grouped_conv(kernel, stride, size):
+@pytest.mark.parametrize("kernel,stride,groups,size", [(3, 2, 6, 8), (5, 1, 6, 7), (1, 1, 1, 5),
+                                                       (3, 1, 1, 5), (1, 2, 1, 6)])
+def test_cpu_conv_forms_match_lax_conv(kernel, stride, groups, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
   pad = (kernel - 1) // 2
-  shift = layers.DepthwiseConv(6, kernel, stride, pad, impl="shift")
-  grouped = layers.DepthwiseConv(6, kernel, stride, pad, impl="lax")
-  variables = shift.init(jax.random.key(1), x)
-  np.testing.assert_allclose(shift.apply(variables, x), grouped.apply(variables, x), rtol=1e-5, atol=1e-5)
-  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
-           for m in (shift, grouped)]
-  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+  direct = layers.Conv(6, kernel, stride, pad, groups, use_bias=True, impl="direct")
+  reference = layers.Conv(6, kernel, stride, pad, groups, use_bias=True, impl="lax")
+  variables = jax.jit(direct.init)(jax.random.key(1), x)
+  assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
+      jnp.shape, nn.Conv(6, (kernel, kernel), feature_group_count=groups).init(jax.random.key(1), x))
+
+  @jax.jit
+  def outputs_and_grads(variables, x):
+    return [(m.apply(variables, x),
+             jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x))
+            for m in (direct, reference)]
+
+  (out_direct, grads_direct), (out_ref, grads_ref) = outputs_and_grads(variables, x)
+  np.testing.assert_allclose(out_direct, out_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads_direct), jax.tree_util.tree_leaves(grads_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -43,59 +43,68 @@ def batch_moments(x: jax.Array, axes: Sequence[int] = (0, 1, 2)) -> tuple[jax.Ar
 
 def conv(features: int, kernel_size: int, stride: int = 1, *, padding: int | None = None,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Module:
-  """Conv with torch-style explicit symmetric padding (default (k - 1) // 2, as torchvision).
-
-  `groups == features` (> 1) means a depthwise conv (the caller guarantees in == out channels);
-  it gets `DepthwiseConv`, which has the same parameter tree as nn.Conv.
-  """
+         name: str | None = None) -> "Conv":
+  """Conv with torch-style explicit symmetric padding (default (k - 1) // 2, as torchvision)."""
   pad = (kernel_size - 1) // 2 if padding is None else padding
-  if groups > 1 and groups == features and not use_bias:
-    return DepthwiseConv(features, kernel_size, stride, pad, dtype=dtype, name=name)
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
-                 dtype=dtype, kernel_init=conv_init, name=name)
+  return Conv(features, kernel_size, stride, pad, groups, use_bias, dtype=dtype, name=name)
 
 
-class DepthwiseConv(nn.Module):
-  """Depthwise conv (channel multiplier 1), kernel (k, k, 1, C) as nn.Conv would hold it.
+class Conv(nn.Module):
+  """2-D convolution, NHWC input, HWIO kernel: the same parameter tree as nn.Conv.
 
-  XLA:CPU lowers grouped convolutions 10-100x slower than PyTorch (forward and input gradient, see
-  benchmarks/teachers.py), so on CPU it is computed as a sum of k*k strided, shifted slices times
-  per-channel weights; on GPU/TPU the grouped convolution is used.
+  XLA:CPU lowers some convolutions far slower than PyTorch (forward and input gradient; see
+  benchmarks/teachers.py): grouped/depthwise convs by 10-100x, 1x1 convs by ~4x. With
+  impl='auto' on CPU, depthwise convs are computed as a sum of k*k strided, shifted slices times
+  per-channel weights, and stride-1 1x1 convs as a matrix product; elsewhere (GPU/TPU) and for all
+  other convs, lax.conv_general_dilated. The results agree to float rounding.
   """
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
+  groups: int = 1
+  use_bias: bool = False
   dtype: Dtype = jnp.float32
-  impl: str = "auto"  # 'auto' (shifted slices on CPU), 'shift' or 'lax'
+  impl: str = "auto"  # 'auto', 'lax' (always lax.conv_general_dilated) or 'direct' (CPU forms)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, s, p = self.kernel_size, self.stride, self.padding
-    if x.shape[-1] != self.features:
-      raise ValueError(f"depthwise conv expects {self.features} input channels, got {x.shape[-1]}")
-    kernel = self.param("kernel", conv_init, (k, k, 1, self.features), jnp.float32)
+    k, s, p, groups = self.kernel_size, self.stride, self.padding, self.groups
+    in_channels = x.shape[-1]
+    if in_channels % groups:
+      raise ValueError(f"conv input channels {in_channels} not divisible by groups {groups}")
+    kernel = self.param("kernel", conv_init, (k, k, in_channels // groups, self.features),
+                        jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    impl = self.impl
-    if impl == "auto":
-      impl = "shift" if jax.default_backend() == "cpu" else "lax"
-    if impl == "lax":
-      return jax.lax.conv_general_dilated(
-          x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          feature_group_count=self.features)
-    n, h, w, c = x.shape
-    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    out = None
-    for i in range(k):
-      for j in range(k):
-        end = (n, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c)
-        window = jax.lax.slice(padded, (0, i, j, 0), end, (1, s, s, 1))
-        term = window * kernel[i, j, 0]
-        out = term if out is None else out + term
-    return out
+    direct = self.impl == "direct" or (self.impl == "auto" and jax.default_backend() == "cpu")
+    depthwise = groups > 1 and groups == in_channels == self.features
+    if direct and depthwise:
+      y = _depthwise_by_shifts(x, kernel, s, p)
+    elif direct and k == 1 and s == 1 and p == 0 and groups == 1:
+      y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=groups)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          self.dtype)
+    return y
+
+
+def _depthwise_by_shifts(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  n, h, w, c = x.shape
+  k = kernel.shape[0]
+  out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      end = (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c)
+      window = jax.lax.slice(padded, (0, i, j, 0), end, (1, stride, stride, 1))
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
 
 
 class BatchNorm(nn.Module):

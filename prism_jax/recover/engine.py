@@ -53,9 +53,9 @@ class StepConfig:
 
 def init_state(images: jax.Array) -> dict[str, jax.Array]:
   """Optimizer state for a wave of images shaped (W, C, H, W, 3)."""
-  zeros = jnp.zeros_like(images)
   num_units = images.shape[0]
-  return {"images": images, "adam_m": zeros, "adam_v": zeros,
+  # Distinct buffers: the state is donated, and one buffer may not be donated twice.
+  return {"images": images, "adam_m": jnp.zeros_like(images), "adam_v": jnp.zeros_like(images),
           "last_ce": jnp.zeros((num_units,), jnp.float32),
           "last_bn": jnp.zeros((num_units,), jnp.float32),
           "nonfinite_at": jnp.full((num_units,), -1, jnp.int32)}
