@@ -88,6 +88,50 @@ def recover_config() -> ml_collections.ConfigDict:
   return c
 
 
+PRISM_POOL = ("mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
+RECOVER_METHODS = ("prism", "prism_uniform", "prism_intra", "sre2l", "single_pre", "decoupled_pre",
+                   "decoupled_intra", "multi_k2", "multi_k3", "multi_k4")
+
+
+def set_recover_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """Sets config.recover for a named method (paper Table 2 rows and the baselines).
+
+  prism            official PRISM: bernoulli extras (p 0.5, k_max 4), drawn once per IPC index
+  prism_uniform    paper eq. 5: uniform over subsets with the primary and up to 3 extras
+  prism_intra      logit teacher and BN set re-drawn every iteration (G-VBSM-like ablation)
+  sre2l            one teacher for logits and BN, noise init, lr 0.25, constant T
+  single_pre       PRISM's recipe (real init, lr 0.05, varying T) with resnet18 alone for logits and BN
+  decoupled_pre/intra  logit teacher resnet18 and one *other* BN teacher (mobilenet_v2,
+                   efficientnet_b0 or shufflenet_v2_x0_5), drawn per IPC index / per iteration
+  multi_kK         logit resnet18 + fixed BN set resnet18 + the first K-1 pool members
+  """
+  rc = config.recover
+  rc.logit_teacher, rc.bn_primary, rc.bn_pool = "resnet18", "", PRISM_POOL
+  rc.distribution, rc.strategy, rc.k_max, rc.p = "bernoulli", "pre", 4, 0.5
+  rc.init, rc.learning_rate, rc.iteration_step = "real", 0.05, 500
+  rc.logit_pool, rc.fixed_teachers = (), ()
+  if method == "prism":
+    pass
+  elif method == "prism_uniform":
+    rc.distribution, rc.include_primary = "uniform_subsets", True
+  elif method == "prism_intra":
+    rc.strategy, rc.logit_pool = "intra", PRISM_POOL
+  elif method == "sre2l":
+    rc.distribution, rc.init, rc.learning_rate, rc.iteration_step = "single", "noise", 0.25, 0
+  elif method == "single_pre":
+    rc.distribution = "single"
+  elif method in ("decoupled_pre", "decoupled_intra"):
+    rc.distribution, rc.k_max, rc.include_primary = "uniform_subsets", 1, False
+    rc.bn_primary, rc.bn_pool = PRISM_POOL[0], PRISM_POOL[1:3]
+    rc.strategy = "pre" if method == "decoupled_pre" else "intra"
+  elif method.startswith("multi_k") and method in RECOVER_METHODS:
+    k = int(method[len("multi_k"):])
+    rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("resnet18",) + PRISM_POOL[:k - 1], k
+  else:
+    raise ValueError(f"recover method {method!r}: expected one of {RECOVER_METHODS}")
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "all"              # squeeze | recover | relabel | train | evaluate | all
