@@ -65,10 +65,11 @@ def wave_inputs(width, classes, size, iterations, teacher_names, ce_names, bn_na
   return state, (keys, labels, totals, jnp.asarray(ce), jnp.asarray(bn))
 
 
-def lower(teachers, names, size, classes, iterations, ce_names, bn_names, sequential=True, width=1):
+def lower(teachers, names, size, classes, iterations, ce_names, bn_names, sequential=True, width=1,
+          remat=True):
   state, args = wave_inputs(width, classes, size, iterations, names, ce_names, bn_names)
   cfg = engine.StepConfig(tuple(names), size, (-2.2,) * 3, (2.7,) * 3, 0.05, 10.0,
-                          max(1, round(32 * size / 224)), sequential_teachers=sequential)
+                          max(1, round(32 * size / 224)), sequential_teachers=sequential, remat=remat)
   mesh = mesh_lib.make_mesh(1)
   fn = jax.jit(functools.partial(engine.run_iterations, mesh=mesh), static_argnames=("models", "cfg"),
                donate_argnums=(0,))
@@ -105,25 +106,26 @@ def part_throughput(args):
 
 def part_memory(args):
   rows = []
-  size, classes = 224, args.mem_batch
+  size, classes = args.mem_size, args.mem_batch
   names_all = ("resnet18",) + EXTRAS
   teachers_all = build_teachers(names_all, "imagenet", 1.0, size, 1000)
-  for sequential in (True, False):
+  for sequential, remat in ((True, True), (True, False), (False, False)):
     for k in range(1, 5):
       names = names_all[:k]
       fn, state, fargs, v, m, cfg = lower(teachers_all[:k], names, size, classes, 2, {0},
-                                          set(range(k)), sequential=sequential)
+                                          set(range(k)), sequential=sequential, remat=remat)
       t0 = time.perf_counter()
       compiled = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg).compile()
       mem = compiled.memory_analysis()
       temp = mem.temp_size_in_bytes
-      rows.append({"K": k, "teachers": list(names), "sequential_teachers": sequential,
+      rows.append({"K": k, "teachers": list(names), "sequential_teachers": sequential, "remat": remat,
                    "temp_bytes": temp, "argument_bytes": mem.argument_size_in_bytes,
                    "output_bytes": mem.output_size_in_bytes, "compile_s": time.perf_counter() - t0})
-      print(f"  K={k} sequential={sequential!s:5} temp {temp / 2**30:7.2f} GiB  args "
+      print(f"  K={k} sequential={sequential!s:5} remat={remat!s:5} temp {temp / 2**30:7.2f} GiB  args "
             f"{mem.argument_size_in_bytes / 2**30:6.2f} GiB", flush=True)
   for row in rows:
-    base = next(r for r in rows if r["K"] == 1 and r["sequential_teachers"] == row["sequential_teachers"])
+    base = next(r for r in rows if r["K"] == 1 and r["sequential_teachers"] == row["sequential_teachers"]
+                and r["remat"] == row["remat"])
     row["ratio_to_K1"] = row["temp_bytes"] / base["temp_bytes"]
   return rows
 
@@ -170,6 +172,7 @@ def main():
   parser.add_argument("--batch224", type=int, default=4, help="images per batch at 224 px")
   parser.add_argument("--iters224", type=int, default=3)
   parser.add_argument("--mem-batch", type=int, default=100)
+  parser.add_argument("--mem-size", type=int, default=224)
   parser.add_argument("--flops-size", type=int, default=224)
   parser.add_argument("--flops-batch", type=int, default=8)
   parser.add_argument("--out", default="bench_out/recover.json")

@@ -83,7 +83,8 @@ def recover_config() -> ml_collections.ConfigDict:
   c.units_per_device = 1       # recovery batches per device in one wave
   c.iterations_per_call = 50   # iterations per compiled call (progress/NaN check granularity)
   c.checkpoint_every_iterations = 500  # mid-wave checkpoints (0: only finished waves are kept)
-  c.sequential_teachers = True  # one teacher's activations live at a time
+  c.sequential_teachers = True  # one teacher's activations live at a time; unused teachers skipped
+  c.remat = True               # keep only block outputs for backward (memory); False: faster, more memory
   c.export_jpeg = False        # also write JPEG-75 files (what the official pipeline saves)
   return c
 

@@ -13,15 +13,19 @@ gradient of the sum over teachers is accumulated one teacher at a time (teacher 
 teacher k's accumulated gradient as input), so only one teacher's activations are live at once.
 The augmentation's pullback is applied once to the summed gradient. `sequential_teachers=False`
 switches to the naive form (one gradient of the summed loss, every teacher always evaluated),
-kept as the baseline for the memory benchmark.
+kept as the baseline for the memory benchmark. With `remat` (default) each teacher keeps only its
+top-level block outputs for the backward pass and recomputes the inside of a block when needed,
+so the live set is one block's activations plus the block boundaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from prism_jax.data import augment as aug
@@ -47,8 +51,21 @@ class StepConfig:
   tv_weight: float = 0.0
   l2_weight: float = 0.0
   sequential_teachers: bool = True   # per-teacher conds (skip unused, one teacher live at a time)
+  remat: bool = True                 # keep only block outputs for the backward pass, recompute the rest
 
 
+
+
+BLOCK_OUTPUT = "teacher_block_output"
+
+
+def _tag_block_outputs(next_fun, args, kwargs, context):
+  """Names the outputs of a model's top-level blocks so remat can keep exactly those."""
+  out = next_fun(*args, **kwargs)
+  if context.method_name == "__call__" and len(context.module.scope.path) == 1:
+    out = jax.tree_util.tree_map(
+        lambda x: checkpoint_name(x, BLOCK_OUTPUT) if isinstance(x, jax.Array) else x, out)
+  return out
 
 
 def init_state(images: jax.Array) -> dict[str, jax.Array]:
@@ -73,10 +90,15 @@ def unit_loss_grad(images, labels, aug_key, ce_weights, bn_weights, teachers, cf
 
   def teacher_loss(x, k):
     model, variables = teachers[k]
-    out = bn_stats.forward_with_bn_stats(model, variables, x)
+    with nn.intercept_methods(_tag_block_outputs):
+      out = bn_stats.forward_with_bn_stats(model, variables, x)
     ce = ce_weights[k] * objective.cross_entropy(out.logits, labels)
     bn = bn_weights[k] * objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
     return ce + bn, (ce, bn)
+
+  if cfg.remat:
+    teacher_loss = jax.checkpoint(teacher_loss, static_argnums=(1,),
+                                  policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
 
   zero = jnp.zeros((), jnp.float32)
   if cfg.sequential_teachers:

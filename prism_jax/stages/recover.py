@@ -33,7 +33,7 @@ from prism_jax.recover import engine, export, schedule, selection
 STAGE_DIR = "recover"
 DONE_FILE = "recover.json"
 _EXECUTION_FIELDS = ("units_per_device", "iterations_per_call", "checkpoint_every_iterations",
-                     "sequential_teachers", "export_jpeg", "teachers_dir")
+                     "sequential_teachers", "remat", "export_jpeg", "teachers_dir")
 
 
 def stage_dir(workdir: str) -> str:
@@ -301,7 +301,8 @@ def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers
       teacher_names=order, image_size=dataset.image_size, low=low, high=high,
       learning_rate=rc.learning_rate, first_bn_multiplier=rc.first_bn_multiplier,
       jitter=jitter_pixels(rc, dataset.image_size), rrc_scale=tuple(rc.rrc_scale), flip=rc.flip,
-      tv_weight=rc.tv_weight, l2_weight=rc.l2_weight, sequential_teachers=rc.sequential_teachers)
+      tv_weight=rc.tv_weight, l2_weight=rc.l2_weight, sequential_teachers=rc.sequential_teachers,
+      remat=rc.remat)
   models = tuple(teachers.models[n] for n in order)
   step = _compiled_step()
   t = t0
