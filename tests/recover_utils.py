@@ -29,11 +29,8 @@ def write_random_teacher(teachers_dir: str, name: str, *, class_names=CLASS_NAME
                          seed: int = 0, size: int = IMAGE_SIZE) -> None:
   """A randomly initialized small-stem teacher with non-trivial BN running statistics."""
   model = models.create_model(name, num_classes=len(class_names), stem="small", width=width)
-  x = np.zeros((2, size, size, 3), np.float32)
-  init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
-  variables = init({"params": jax.random.key(seed), "dropout": jax.random.key(seed)}, x)
+  variables = dict(models.random_variables(model, (2, size, size, 3), seed=seed))
   rng = np.random.default_rng(seed)
-  variables = dict(variables)
   if "batch_stats" in variables:
     variables["batch_stats"] = jax.tree_util.tree_map(
         lambda v: rng.uniform(0.05, 0.5, v.shape).astype(np.float32) if v.ndim else v,

@@ -81,29 +81,11 @@ def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None
 
 def check_variables_match(model, variables: Mapping[str, Any], *, image_size: int, source: str) -> None:
   """Compares a variables tree with what `model` expects; names the first mismatching key."""
-  expected = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                         jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False))
-  exp_flat = _flat_shapes(expected)
-  got_flat = _flat_shapes(variables)
-  for key, shape in exp_flat.items():
-    if key not in got_flat:
-      raise artifacts.ArtifactError(f"{source}: missing key '{key}' (expected shape {shape})")
-    if tuple(got_flat[key]) != tuple(shape):
-      raise artifacts.ArtifactError(
-          f"{source}: key '{key}' has shape {tuple(got_flat[key])}, the model expects {tuple(shape)}")
-  extra = [k for k in got_flat if k not in exp_flat]
-  if extra:
-    raise artifacts.ArtifactError(f"{source}: unexpected key '{extra[0]}' "
-                                  f"(shape {tuple(got_flat[extra[0]])}) not in the model")
-
-
-def _flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
-    flat[key] = tuple(np.shape(leaf))
-  return flat
+  from prism_jax.models import torchvision_import
+  try:
+    torchvision_import.check_variables_match(model, variables, (1, image_size, image_size, 3), source=source)
+  except ValueError as e:
+    raise artifacts.ArtifactError(str(e)) from None
 
 
 def _short(names: Sequence[str]) -> str:
