@@ -2,14 +2,47 @@
 
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from prism_jax import models
 from prism_jax.io import teacher_store
+from prism_jax.models import layers
 
 IMAGE_SIZE = 16
 CLASS_NAMES = ("ant", "bee", "cat", "dog")
+
+
+class TinyTeacher(nn.Module):
+  """conv-BN-relu blocks + pooled dense with the zoo's call signature; compiles in about a second.
+
+  `depth` = 0 gives a BN-less model (like alexnet).
+  """
+  num_classes: int
+  stem: str = "small"
+  width: float = 1.0
+  depth: int = 2
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    for i in range(max(self.depth, 1)):
+      x = layers.conv(4 * (i + 1), 3, stride=1 + (i > 0), name=f"conv{i}")(x)
+      if self.depth:
+        x = layers.BatchNorm(name=f"bn{i}")(x, train)
+      x = nn.relu(x)
+    features = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="fc")(features)
+    return (logits, features) if return_features else logits
+
+
+# Tiny stand-ins for the zoo teachers in in-process recover tests (CLI tests use real models).
+TINY_TEACHERS = {"tiny_a": 2, "tiny_b": 3, "tiny_nobn": 0}
+for _name, _depth in TINY_TEACHERS.items():
+  if _name not in models.available_models():
+    models.register_model(_name, lambda depth=_depth, **kw: TinyTeacher(depth=depth, **kw))
 
 
 def write_tiny_arrays(directory: str, per_class: int = 3, num_classes: int = 4, size: int = IMAGE_SIZE) -> str:

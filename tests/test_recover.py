@@ -27,7 +27,7 @@ def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("recover_assets")
   data = ru.write_tiny_arrays(str(root / "data"))
   teachers = str(root / "teachers")
-  for name in ("resnet18", "mobilenet_v2", "alexnet"):
+  for name in ("tiny_a", "tiny_b", "tiny_nobn", "resnet18"):
     ru.write_random_teacher(teachers, name)
   return {"data": data, "teachers": teachers, "root": root}
 
@@ -38,8 +38,8 @@ def make_config(assets, **recover_overrides):
   rc = c.recover
   rc.teachers_dir = assets["teachers"]
   rc.ipc, rc.classes_per_batch = 3, 2
-  rc.logit_teacher, rc.bn_pool = "resnet18", ("mobilenet_v2", "alexnet")
-  rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("resnet18", "mobilenet_v2"), 3
+  rc.logit_teacher, rc.bn_pool = "tiny_a", ("tiny_b", "tiny_nobn")
+  rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("tiny_a", "tiny_b"), 3
   rc.iterations, rc.iteration_step, rc.iteration_period = 6, 2, 2
   rc.iterations_per_call = 3
   rc.learning_rate = 0.05
@@ -70,7 +70,7 @@ def test_outputs_images_folder_array_file_and_manifest(eight_device_run):
   lines = [json.loads(l) for l in open(os.path.join(out, "manifest.jsonl"))]
   assert len(lines) == 12
   first = lines[0]
-  assert first["bn_teachers"] == ["resnet18", "mobilenet_v2"] and first["logit_teacher"] == "resnet18"
+  assert first["bn_teachers"] == ["tiny_a", "tiny_b"] and first["logit_teacher"] == "tiny_a"
   assert [l["iterations"] for l in lines[::4]] == [6, 4, 6]
   assert {"class", "ipc_index", "chunk", "seed", "final_ce", "final_bn", "wall_seconds"} <= set(first)
   assert all(np.isfinite(l["final_ce"]) and l["final_bn"] > 0 for l in lines)
@@ -116,7 +116,7 @@ def test_rerun_is_noop_and_other_config_is_refused(assets, eight_device_run):
 
 def test_compiled_step_has_no_cross_device_collective(assets):
   ds = _dataset(assets)
-  teachers = recover.load_teachers(("resnet18", "mobilenet_v2"), assets["teachers"], ds)
+  teachers = recover.load_teachers(("tiny_a", "tiny_b"), assets["teachers"], ds)
   mesh = mesh_lib.make_mesh(8)
   width, classes, size = 8, 2, ru.IMAGE_SIZE
   data = mesh_lib.data_sharding(mesh)
@@ -125,9 +125,9 @@ def test_compiled_step_has_no_cross_device_collective(assets):
   keys = put(jax.random.key_data(jax.random.split(jax.random.key(0), width)))
   args = [keys, put(jnp.zeros((width, classes), jnp.int32)), put(jnp.full((width,), 4, jnp.int32)),
           put(jnp.ones((width, 4, 2))), put(jnp.ones((width, 4, 2)))]
-  tvars = mesh_lib.replicate((teachers.variables["resnet18"], teachers.variables["mobilenet_v2"]), mesh)
-  cfg = engine.StepConfig(("resnet18", "mobilenet_v2"), size, (-2.0,) * 3, (2.0,) * 3, 0.05, 10.0, 2)
-  models = (teachers.models["resnet18"], teachers.models["mobilenet_v2"])
+  tvars = mesh_lib.replicate((teachers.variables["tiny_a"], teachers.variables["tiny_b"]), mesh)
+  cfg = engine.StepConfig(("tiny_a", "tiny_b"), size, (-2.0,) * 3, (2.0,) * 3, 0.05, 10.0, 2)
+  models = (teachers.models["tiny_a"], teachers.models["tiny_b"])
   step = jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh"))
   lowered = step.lower(state, *args, tvars, np.int32(0), np.int32(4), models=models, cfg=cfg, mesh=mesh)
   hlo = lowered.compile().as_text()
@@ -154,7 +154,7 @@ def test_teacher_weights_follow_k_averaging(assets):
 @pytest.mark.parametrize("overrides, error, pattern", [
     (dict(distribution="bernoulli", bn_pool=("efficientnet_b0",), k_max=2), artifacts.ArtifactError,
      r"efficientnet_b0: no teacher 'efficientnet_b0'"),
-    (dict(distribution="single", logit_teacher="alexnet", bn_pool=("mobilenet_v2",)), ValueError, "has no BatchNorm layer"),
+    (dict(distribution="single", logit_teacher="tiny_nobn", bn_pool=("tiny_b",)), ValueError, "has no BatchNorm layer"),
     (dict(distribution="bernoulli", k_max=4), ValueError, r"recover.k_max=4 needs 3 extra BN teachers"),
     (dict(ipc=4), ValueError, r"recover.ipc=4 .* class 0 \('ant'\) has only 3"),
 ])
@@ -165,8 +165,8 @@ def test_bad_recover_configs(assets, tmp_path, overrides, error, pattern):
 
 def test_teachers_for_another_class_order_are_refused(assets, tmp_path):
   teachers = str(tmp_path / "teachers")
-  ru.write_random_teacher(teachers, "resnet18", class_names=tuple(reversed(ru.CLASS_NAMES)))
-  ru.write_random_teacher(teachers, "mobilenet_v2")
+  ru.write_random_teacher(teachers, "tiny_a", class_names=tuple(reversed(ru.CLASS_NAMES)))
+  ru.write_random_teacher(teachers, "tiny_b")
   with pytest.raises(artifacts.ArtifactError, match="class count or order differs"):
     recover.run(make_config(assets, teachers_dir=teachers), str(tmp_path / "w"), mesh_lib.make_mesh(1))
 
@@ -174,32 +174,31 @@ def test_teachers_for_another_class_order_are_refused(assets, tmp_path):
 def test_non_finite_loss_stops_naming_batch_and_keeps_finished_waves(assets, tmp_path):
   teachers = str(tmp_path / "teachers")
   shutil.copytree(assets["teachers"], teachers)
-  ru.write_random_teacher(teachers, "mobilenet_v2", seed=3)
-  # Poison mobilenet_v2: an infinite running variance makes its BN loss infinite.
+  # Poison tiny_b: an infinite running variance makes its BN loss infinite.
   from prism_jax.io import teacher_store
-  model, variables, meta = teacher_store.load_teacher(os.path.join(teachers, "mobilenet_v2"))
+  model, variables, meta = teacher_store.load_teacher(os.path.join(teachers, "tiny_b"))
   variables = jax.tree_util.tree_map(np.array, variables)  # writable copies
   first_bn = next(iter(variables["batch_stats"].values()))
   while "var" not in first_bn:
     first_bn = next(iter(first_bn.values()))
   first_bn["var"][:] = np.inf
-  teacher_store.save_teacher(os.path.join(teachers, "mobilenet_v2"), name="mobilenet_v2", variables=variables,
+  teacher_store.save_teacher(os.path.join(teachers, "tiny_b"), name="tiny_b", variables=variables,
                              model_config=meta["model"], class_names=meta["class_names"],
                              dataset=meta["dataset"], test_accuracy=None)
   config = make_config(assets, teachers_dir=teachers, distribution="bernoulli", k_max=2,
-                       bn_pool=("mobilenet_v2",), p=0.5, ipc=3, classes_per_batch=4,
+                       bn_pool=("tiny_b",), p=0.5, ipc=3, classes_per_batch=4,
                        iterations=20, iteration_step=16, iteration_period=2)
   # Seed 4 draws 1, 2, 1 BN teachers for IPC 0, 1, 2 (T = 20, 4, 20): the scheduler runs the
   # costlier healthy units first, then the poisoned one.
   config.seed = 4
   spec = recover.selection_spec(config.recover)
   draws = [selection.pre_selection(spec, 4, i, 0, "ipc")[1] for i in range(3)]
-  assert ("resnet18",) in draws and ("resnet18", "mobilenet_v2") in draws  # both kinds of wave exist
+  assert ("tiny_a",) in draws and ("tiny_a", "tiny_b") in draws  # both kinds of wave exist
   workdir = str(tmp_path / "w")
   with pytest.raises(FloatingPointError, match=r"recovery batch ipc_index=1 chunk=0, iteration 0"):
     recover.run(config, workdir, mesh_lib.make_mesh(1))
   finished = recover.load_wave_images(workdir)
-  assert sorted(finished) == [(0, 0), (2, 0)] and draws[1] == ("resnet18", "mobilenet_v2")
+  assert sorted(finished) == [(0, 0), (2, 0)] and draws[1] == ("tiny_a", "tiny_b")
 
 
 def test_cli_recover_resumes_after_kill(assets, tmp_path):

@@ -15,9 +15,10 @@ import pytest
 from cli_utils import REPO_ROOT, cli_command, cli_env, run_cli
 from prism_jax.io import artifacts, teacher_store
 
-# A short real training on digits: narrow ResNet-18, 3 epochs of 22 steps.
-TINY = ("--config.stage=squeeze", "--config.squeeze.width=0.125", "--config.squeeze.epochs=3",
-        "--config.squeeze.eval_every_epochs=0", "--config.squeeze.checkpoint_every_steps=4",
+# A short real training on digits: narrow ResNet-18, 2 epochs of 22 steps.
+TINY = ("--config.stage=squeeze", "--config.squeeze.width=0.125", "--config.squeeze.epochs=2",
+        "--config.squeeze.learning_rate=0.2", "--config.squeeze.eval_every_epochs=0",
+        "--config.squeeze.checkpoint_every_steps=10",
         "--config.squeeze.log_every_steps=10", "--config.progress_interval_s=0")
 
 
@@ -56,9 +57,9 @@ def test_rerun_is_a_noop_and_other_recipe_is_refused(trained_workdir):
   workdir, _ = trained_workdir
   again = run_cli("configs/quickstart.py", workdir, *TINY)
   assert again.returncode == 0 and "already trained" in again.stdout
-  other = run_cli("configs/quickstart.py", workdir, *TINY, "--config.squeeze.learning_rate=0.2")
+  other = run_cli("configs/quickstart.py", workdir, *TINY, "--config.squeeze.learning_rate=0.1")
   assert other.returncode != 0
-  assert "squeeze.learning_rate: this run has 0.2, the artifact has 0.05" in other.stderr
+  assert "squeeze.learning_rate: this run has 0.1, the artifact has 0.2" in other.stderr
 
 
 def test_teacher_for_other_class_order_is_refused(trained_workdir):
@@ -91,7 +92,7 @@ def test_resume_after_kill_matches_uninterrupted_run(trained_workdir, tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline:
     steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    if steps and max(steps) >= 12:
+    if steps and max(steps) >= 20:
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)

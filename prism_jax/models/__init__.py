@@ -3,6 +3,7 @@
 API:
   models.create_model(name, num_classes=..., stem='imagenet'|'small', width=1.0, dtype=float32)
   models.available_models() -> tuple of names
+  models.register_model(name, factory) adds a custom architecture
   model.apply(variables, x, train=False)                         -> logits
   model.apply(variables, x, train=False, return_features=True)   -> (logits, features)
       features: the pooled penultimate vector fed to the final classifier, float32 (B, D).
@@ -15,7 +16,7 @@ Inputs are NHWC float32 images normalized with the dataset mean/std.
 """
 
 from prism_jax.models.bn_stats import BNStat, TeacherOutput, forward_with_bn_stats
-from prism_jax.models.registry import available_models, create_model, random_variables
+from prism_jax.models.registry import available_models, create_model, random_variables, register_model
 
 __all__ = ["BNStat", "TeacherOutput", "available_models", "create_model", "forward_with_bn_stats",
-           "random_variables"]
+           "random_variables", "register_model"]

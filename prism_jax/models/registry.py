@@ -41,6 +41,17 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+  """Adds a model to the registry (custom teachers/students; tests register tiny ones).
+
+  `factory(num_classes=..., stem=..., width=..., dtype=...)` must return a Linen module with the
+  zoo's call signature (`train`, `return_features`) whose BatchNorm layers are `layers.BatchNorm`.
+  """
+  if name in _FACTORIES:
+    raise ValueError(f"model name {name!r} is already registered")
+  _FACTORIES[name] = factory
+
+
 def available_models() -> tuple[str, ...]:
   return tuple(_FACTORIES)
 
