@@ -60,8 +60,9 @@ def test_stats_equal_hand_computed_moments_of_bn_inputs():
   np.testing.assert_allclose(out.logits, model.apply(variables, x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "shufflenet_v2_x0_5", "mobilenet_v2",
-                                  "efficientnet_b0"])
+# resnet50 (downsample after the main path) and shufflenet (two branches) have the orders that are
+# easiest to get wrong; the torchvision parity tests check the order of every architecture.
+@pytest.mark.parametrize("name", ["resnet50", "shufflenet_v2_x0_5"])
 def test_forward_order_matches_torchvision_order(name):
   # The torchvision key map lists BN layers in torch's forward order; the structure at a small
   # stem and width is the same as at imagenet/width 1, so its BN paths name the expected order.
@@ -95,7 +96,7 @@ def test_grad_wrt_images_is_finite_and_nonzero():
 
 
 def test_vmap_over_stacked_batches_equals_per_batch_loop():
-  model = models.create_model("shufflenet_v2_x0_5", num_classes=3, stem="small", width=0.125)
+  model = models.create_model("resnet18", num_classes=3, stem="small", width=0.125)
   stacked = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 3)) * jnp.arange(1, 4)[:, None, None, None, None]
   variables = models.random_variables(model, stacked.shape[1:])
   forward = functools.partial(models.forward_with_bn_stats, model, variables)

@@ -43,7 +43,10 @@ def test_registry_names_and_errors():
     models.create_model("resnet18", num_classes=10, stem="tiny")
 
 
-@pytest.mark.parametrize("name", ALL)
+# One architecture per code path (resnet34/101 and shufflenet_v2_x1_0 share theirs with resnet18/50
+# and shufflenet_v2_x0_5; every architecture is covered by the imagenet-stem shape test below).
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x0_5",
+                                  "efficientnet_b0", "alexnet"])
 def test_small_stem_forward_train_and_features(name):
   model = models.create_model(name, num_classes=NUM_CLASSES, stem="small", width=0.25)
   x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
