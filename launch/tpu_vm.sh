@@ -107,7 +107,7 @@ cmd_run() {
   parse_sync_specs ${opt_sync_from[@]+"${opt_sync_from[@]}"}
   sync_line=$(remote_sync_command)
   run_line=$(remote_run_command "$(log_file_for "$opt_workdir")" "--config=${opt_config}" \
-    "--workdir=${opt_workdir}" ${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"})
+    "--workdir=${opt_workdir}" --jax_distributed ${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"})
   check_cloud_environment
   if [[ -n $sync_line ]]; then
     tpu_vm ssh "$opt_name" "--zone=${ZONE}" "--project=${PROJECT}" --worker=all "--command=${sync_line}"

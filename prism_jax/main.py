@@ -21,6 +21,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
                                    "runs on GPU VMs (TPU pods are detected automatically).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+_JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() with "
+                                     "cluster auto-detection (Cloud TPU VMs and pod slices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,9 +43,13 @@ def main(argv):
   from prism_jax.io import artifacts
   from prism_jax.parallel import mesh as mesh_lib, multihost
 
-  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                       auto_detect=_JAX_DISTRIBUTED.value)
   config = _CONFIG.value
   config_checks.validate(config)
+  if "://" in _WORKDIR.value:
+    raise ValueError(f"--workdir={_WORKDIR.value}: remote work directories are not supported yet; use a "
+                     "local (or mounted) directory and copy results with `gcloud storage rsync`")
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

@@ -100,7 +100,7 @@ def test_tpu_single_host_v4_8(env, tmp_path):
   assert dry_run(TPU_VM, "run", *TPU8, "--config", "configs/quickstart.py", "--workdir", WORKDIR,
                  "--override", "squeeze.epochs=2", env=env) == [
       f"+ gcloud compute tpus tpu-vm ssh prism-v4-8 {TPU8_LOC} --worker=all --command='"
-      + run_line(f"--config=configs/quickstart.py --workdir={WORKDIR} --config.squeeze.epochs=2",
+      + run_line(f"--config=configs/quickstart.py --workdir={WORKDIR} --jax_distributed --config.squeeze.epochs=2",
                  "logs/quickstart.log") + "'"]
   assert dry_run(TPU_VM, "tensorboard", *TPU8, "--workdir", WORKDIR, env=env) == [
       f"+ gcloud compute tpus tpu-vm ssh prism-v4-8 {TPU8_LOC} --worker=0 -- -t -L 6006:localhost:6006 {TB_LINE}"]
@@ -126,7 +126,7 @@ def test_tpu_pod_slice_v4_32(env):
       " && mkdir -p teachers && gcloud storage rsync -r gs://prism-bucket/teachers teachers"
       " && mkdir -p data/init && gcloud storage rsync -r gs://prism-bucket/init data/init'",
       f"+ gcloud compute tpus tpu-vm ssh prism-pod {loc} --worker=all --command='"
-      + run_line("--config=configs/squeeze_cifar10.py --workdir=gs://prism-bucket/runs/c10/"
+      + run_line("--config=configs/squeeze_cifar10.py --workdir=gs://prism-bucket/runs/c10/ --jax_distributed"
                  " --config.data.tfds_data_dir=gs://prism-bucket/tfds --config.recover.teachers_dir=teachers"
                  " --config.squeeze.epochs=100", "logs/c10.log") + "'"]
   assert "coordinator_address" not in "\n".join(lines)
@@ -440,7 +440,7 @@ def test_tpu_setup_and_run_on_fake_vm(fake_cloud, tmp_path):
          "--override", "squeeze.epochs=1", env=fake_cloud)
   calls = wait_for_lines(tmp_path / "vms" / "tpu" / "prism_jax" / ".venv" / "calls.jsonl", 4)
   assert calls[1] == ["pip", "install", "-q", "-r", "requirements.txt", f"jax[tpu]=={JAX_VERSION}"]
-  assert calls[3] == ["python", "-m", "prism_jax.main", "--config=configs/quickstart.py", "--workdir=workdirs/q",
+  assert calls[3] == ["python", "-m", "prism_jax.main", "--config=configs/quickstart.py", "--workdir=workdirs/q", "--jax_distributed",
                       "--config.squeeze.epochs=1"]
   assert all("--worker=all" in call for call in gcloud_calls(fake_cloud) if "ssh" in call or "scp" in call)
 
