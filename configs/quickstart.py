@@ -1,9 +1,11 @@
-"""Quickstart on the embedded `digits` data (no download): a few minutes on a 2-core CPU.
+"""Quickstart on the embedded `digits` data (no download), a few minutes on a 2-core CPU.
 
   python -m prism_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 
-Trains a narrow small-stem ResNet-18 teacher on digits and reports its test accuracy; the later
-PRISM stages run here as they land.
+Squeezes three narrow small-stem teachers on digits (ResNet-18, MobileNetV2, ShuffleNetV2-0.5),
+then recovers 2 images per class with PRISM (ResNet-18 logits; BN priors from ResNet-18 plus
+bernoulli-drawn extras), with short iteration counts. Relabel, student training and evaluation
+join as they land.
 """
 
 from configs import common
@@ -13,14 +15,27 @@ def get_config():
   config = common.base_config()
   config.stage = "all"
   config.data = common.data_config(source="digits", name="digits")
-  config.squeeze.teachers = ("resnet18",)
-  config.squeeze.width = 0.25          # narrow teacher: fast on CPU, ~90%+ on digits
-  config.squeeze.epochs = 6
-  config.squeeze.batch_size = 64
-  config.squeeze.learning_rate = 0.05
-  config.squeeze.warmup_epochs = 0.5
-  config.squeeze.eval_every_epochs = 2.0
-  config.squeeze.log_every_steps = 20
-  config.squeeze.checkpoint_every_steps = 50
+  sq = config.squeeze
+  sq.teachers = ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5")
+  sq.width = 0.25              # narrow teachers: fast on CPU
+  sq.epochs = 3
+  sq.batch_size = 64
+  sq.learning_rate = 0.1
+  sq.warmup_epochs = 0.5
+  sq.eval_every_epochs = 0.0   # evaluate once, at the end
+  sq.log_every_steps = 20
+  sq.checkpoint_every_steps = 50
+  common.set_recover_method(config, "prism")
+  rc = config.recover
+  rc.bn_pool = ("mobilenet_v2", "shufflenet_v2_x0_5")  # the extras squeezed above
+  rc.k_max = 3                 # primary + up to 2 bernoulli extras
+  rc.ipc = 2
+  rc.classes_per_batch = 10    # all 10 digits in one recovery batch
+  rc.iterations = 200          # T(i) = 200 - 50 * (i mod 2): 200, 150
+  rc.iteration_step = 50
+  rc.iteration_period = 2
+  rc.iterations_per_call = 25
+  rc.checkpoint_every_iterations = 100
+  rc.remat = False             # memory is no concern here; skip the recomputation
   config.progress_interval_s = 5.0
   return config
