@@ -28,7 +28,7 @@ def squeeze_config() -> ml_collections.ConfigDict:
   c.teachers = ("resnet18",)   # zoo names; each is trained with the recipe below
   c.stem = "small"             # small: 32-64 px inputs; imagenet: torchvision architecture
   c.width = 1.0                # channel multiplier (CPU presets use narrow teachers)
-  c.epochs = 200
+  c.epochs = 200.0            # may be fractional
   c.batch_size = 128           # global batch, split over all devices
   c.optimizer = "sgd"          # sgd | adamw
   c.learning_rate = 0.1
@@ -133,6 +133,97 @@ def set_recover_method(config: ml_collections.ConfigDict, method: str) -> ml_col
   return config
 
 
+def relabel_config() -> ml_collections.ConfigDict:
+  """Soft labels (SPEC 5). Defaults: the `prism` protocol (see set_protocol)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "stored"            # stored: per-epoch shards on disk; online: teachers run in the student step
+  c.teachers = ("resnet18", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5")
+  c.aggregation = "norm_rescaled_mean"  # norm_rescaled_mean (official PRISM) | mean | single
+  c.teachers_dir = ""          # '' = <workdir>/teachers
+  c.rrc_scale = (0.25, 1.0)    # RandomResizedCrop area range of the student views
+  c.flip = True
+  c.cutmix = True              # one CutMix box per batch, lambda ~ Beta(1, 1)
+  c.patch_shuffle_grid = 0     # 0: off; g: RDED PatchShuffle on a g x g grid before the crop
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Student training (SPEC 6). Defaults: the `prism` protocol (see set_protocol)."""
+  c = ml_collections.ConfigDict()
+  c.protocol = "prism"         # recorded with every result; set by set_protocol
+  c.student = "resnet18"
+  c.stem = "small"
+  c.width = 1.0
+  c.epochs = 300               # also the number of relabel epochs
+  c.batch_size = 50            # also the relabel batch size
+  c.accumulation = 2           # micro-batches per update (official PRISM: 2 x 25)
+  c.loss = "mse_gt"            # mse_gt: MSE(logits) + gamma * CE(hard); kl: KL(T) without T^2
+  c.gamma = 0.1
+  c.temperature = 20.0
+  c.optimizer = "adamw"        # adamw | sgd; no decay on BatchNorm parameters and biases
+  c.learning_rate = 1e-3
+  c.weight_decay = 0.01
+  c.momentum = 0.9             # sgd only
+  c.schedule = "prism_cos2"    # cosine | smoothed_cosine | prism_cos2 | constant (stepped per epoch)
+  c.zeta = 2.5                 # smoothed_cosine / prism_cos2 stretch; 0 = the schedule's default
+  c.warmup_epochs = 0.0
+  c.ema_decay = 0.0            # 0: off; e.g. 0.99 (EDC) evaluates an EMA of the weights
+  c.seeds = (0,)               # one student per seed; results report mean +- std
+  c.eval_every_epochs = 10.0   # on the real test split; best and last top-1 are reported
+  c.eval_batch_size = 256
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  return c
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """Metrics and pictures (SPEC 8)."""
+  c = ml_collections.ConfigDict()
+  c.reference_model = "resnet18"  # teacher whose penultimate features measure diversity
+  c.grid_per_class = 4         # images per class and method in grid.png
+  c.grid_max_classes = 10
+  c.umap = True                # UMAP plot per image set (umap-learn)
+  c.compare_workdirs = ()      # other work directories whose image sets join the report
+  return c
+
+
+PROTOCOLS = ("prism", "sre2l", "rd3")
+
+
+def set_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
+  """One switch for the evaluation protocol (relabel + student training), SPEC 6.
+
+  prism  4-teacher norm-rescaled soft labels, RRC 0.25-1 + flip + CutMix, mse_gt (gamma 0.1),
+         batch 50 (2 micro-batches), 300 epochs, prism_cos2 (zeta 2.5)
+  sre2l  resnet18 soft labels, RRC 0.08-1 + flip + CutMix, KL (T 20), cosine, 300 epochs
+         (batch 1024 on ImageNet; set train.batch_size)
+  rd3    resnet18 soft labels, PatchShuffle (2x2) + RRC 0.5-1 + flip + CutMix, KL (T 20), 400 epochs,
+         batch 50 and smoothed cosine zeta 1 for a resnet18 student, else batch 100 and zeta 2
+  """
+  rl, tr = config.relabel, config.train
+  tr.protocol = protocol
+  tr.optimizer, tr.learning_rate, tr.weight_decay, tr.accumulation, tr.ema_decay = "adamw", 1e-3, 0.01, 1, 0.0
+  rl.flip, rl.cutmix, rl.patch_shuffle_grid = True, True, 0
+  if protocol == "prism":
+    rl.teachers = ("resnet18", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5")
+    rl.aggregation, rl.rrc_scale = "norm_rescaled_mean", (0.25, 1.0)
+    tr.loss, tr.gamma, tr.batch_size, tr.accumulation, tr.epochs = "mse_gt", 0.1, 50, 2, 300
+    tr.schedule, tr.zeta = "prism_cos2", 2.5
+  elif protocol == "sre2l":
+    rl.teachers, rl.aggregation, rl.rrc_scale = ("resnet18",), "single", (0.08, 1.0)
+    tr.loss, tr.temperature, tr.batch_size, tr.epochs = "kl", 20.0, 1024, 300
+    tr.schedule, tr.zeta = "cosine", 0.0
+  elif protocol == "rd3":
+    rl.teachers, rl.aggregation, rl.rrc_scale, rl.patch_shuffle_grid = ("resnet18",), "single", (0.5, 1.0), 2
+    tr.loss, tr.temperature, tr.epochs, tr.schedule = "kl", 20.0, 400, "smoothed_cosine"
+    small = tr.student == "resnet18"
+    tr.batch_size, tr.zeta = (50, 1.0) if small else (100, 2.0)
+  else:
+    raise ValueError(f"train.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "all"              # squeeze | recover | relabel | train | evaluate | all
@@ -142,5 +233,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.num_devices = -1      # -1: every device of every process
   c.squeeze = squeeze_config()
   c.recover = recover_config()
+  c.image_sets = ("recover",)  # sets to relabel/train/evaluate: recover | random_real | <dir with images.npz>
+  c.relabel = relabel_config()
+  c.train = train_config()
+  c.evaluate = evaluate_config()
   c.progress_interval_s = 10.0  # seconds between terminal progress lines
   return c

@@ -4,8 +4,9 @@
 
 Squeezes three narrow small-stem teachers on digits (ResNet-18, MobileNetV2, ShuffleNetV2-0.5),
 then recovers 2 images per class with PRISM (ResNet-18 logits; BN priors from ResNet-18 plus
-bernoulli-drawn extras), with short iteration counts. Relabel, student training and evaluation
-join as they land.
+bernoulli-drawn extras), with short iteration counts, relabels the recovered set and the same
+number of random real images with the three teachers, trains a narrow ResNet-18 student on each,
+and writes evaluate/report.md (results table, image grid, UMAP plots).
 """
 
 from configs import common
@@ -37,5 +38,18 @@ def get_config():
   rc.iterations_per_call = 25
   rc.checkpoint_every_iterations = 100
   rc.remat = False             # memory is no concern here; skip the recomputation
+  # Relabel + student training under the PRISM protocol, shrunk: compare the recovered set with
+  # the same number of random real images (RD3's strong baseline).
+  config.image_sets = ("recover", "random_real")
+  common.set_protocol(config, "prism")
+  config.relabel.teachers = sq.teachers  # the teachers squeezed above
+  tr = config.train
+  tr.width = 0.25
+  tr.epochs = 40
+  tr.batch_size = 10           # 20 images per set: 2 batches per epoch
+  tr.accumulation = 1
+  tr.eval_every_epochs = 10.0
+  tr.log_every_steps = 20
+  tr.checkpoint_every_steps = 40
   config.progress_interval_s = 5.0
   return config

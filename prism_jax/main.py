@@ -36,6 +36,9 @@ def _hide_accelerators_from_tensorflow() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (orbax saves, backend probing) drown the progress lines; -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   _hide_accelerators_from_tensorflow()
   import jax
 
@@ -55,7 +58,9 @@ def main(argv):
   if jax.process_index() == 0:
     artifacts.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
-  logging.info("devices: %s; mesh %s", jax.devices(), mesh.shape)
+  if jax.process_index() == 0:
+    print(f"[prism_jax] {jax.device_count()} {jax.default_backend()} device(s) in {jax.process_count()} "
+          f"process(es); mesh {dict(mesh.shape)}; workdir {workdir}", flush=True)
   stages.run_stage(config.stage, config, workdir, mesh)
 
 

@@ -6,7 +6,7 @@ import importlib
 
 # Pipeline order; `all` runs the available stages in this order.
 PIPELINE = ("squeeze", "recover", "relabel", "train", "evaluate")
-AVAILABLE = ("squeeze", "recover")
+AVAILABLE = PIPELINE
 
 
 def run_stage(name: str, config, workdir: str, mesh):

@@ -63,15 +63,17 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   count = 0
   window_start = time.perf_counter()
   timing = {"steps_run": 0, "train_seconds": 0.0, "first_step_seconds": 0.0}
+  # Steady-state time = wall time after the first (compiling) step minus evaluation and checkpoint
+  # time; dispatch is asynchronous, so only wall-clock spans that end in a sync are meaningful.
+  steady_start, excluded = None, 0.0
   for step in range(start_step, settings.total_steps):
     step_start = time.perf_counter()
     batch = get_batch(step)
     state, metrics = step_fn(state, *batch, jax.random.fold_in(base_key, step))
     if step == start_step:  # includes compilation: reported apart from the steady-state rate
       jax.block_until_ready(metrics)
-      timing["first_step_seconds"] = time.perf_counter() - step_start
-    else:
-      timing["train_seconds"] += time.perf_counter() - step_start
+      steady_start = time.perf_counter()
+      timing["first_step_seconds"] = steady_start - step_start
     timing["steps_run"] += 1
     sums = metrics if not sums else jax.tree_util.tree_map(lambda a, b: a + b, sums, metrics)
     count += 1
@@ -94,6 +96,8 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
 
     is_eval = settings.eval_every_steps and done % settings.eval_every_steps == 0
     if is_eval or done == settings.total_steps:
+      jax.block_until_ready(state)
+      eval_start = time.perf_counter()
       result = {k: float(v) for k, v in evaluate(state).items()}
       result.update(step=done, epoch=done / settings.steps_per_epoch)
       history.append(result)
@@ -101,9 +105,15 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
       if jax.process_index() == 0:
         print(f"[{name}] eval at step {done} (epoch {result['epoch']:.2f}): " +
               ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")), flush=True)
+      excluded += time.perf_counter() - eval_start
     save_start = time.perf_counter()
-    checkpoint.save(manager, done, state, {"history": history}, force=done == settings.total_steps)
-    window_start += time.perf_counter() - save_start  # keep checkpoint time out of the img/s figure
+    if checkpoint.save(manager, done, state, {"history": history}, force=done == settings.total_steps):
+      saved = time.perf_counter() - save_start
+      excluded += saved
+      window_start += saved  # keep checkpoint time out of the img/s figure
+  jax.block_until_ready(state)
+  if steady_start is not None:
+    timing["train_seconds"] = max(time.perf_counter() - steady_start - excluded, 0.0)
   manager.wait_until_finished()
   writer.flush()
   manager.close()

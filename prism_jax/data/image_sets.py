@@ -1,0 +1,110 @@
+"""Distilled image sets that relabel, train and evaluate consume, under one interface.
+
+  recover      the work directory's recovered images (`recover/images.npz`)
+  random_real  IPC real training images per class drawn without replacement from a seed (the RD3 /
+               SRe2L random-real baseline); IPC is `recover.ipc`
+  <path>       any directory holding an `images.npz` in the recover layout (another run's output)
+
+Every set carries its class order and a content hash; the artifacts made from a set record both, so
+labels made for one set are never used with another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from prism_jax.io import artifacts
+
+RECOVER = "recover"
+RANDOM_REAL = "random_real"
+_RANDOM_REAL_STREAM = 0xBA5E
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  name: str
+  images: np.ndarray        # uint8 (N, S, S, 3)
+  labels: np.ndarray        # int32 (N,)
+  class_names: tuple[str, ...]
+  origin: str               # file or description, for messages
+
+  @property
+  def num_images(self) -> int:
+    return int(self.images.shape[0])
+
+  def content_hash(self) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(self.images).tobytes())
+    h.update(np.ascontiguousarray(self.labels.astype(np.int32)).tobytes())
+    h.update("\n".join(self.class_names).encode())
+    return h.hexdigest()
+
+  def fingerprint(self) -> dict:
+    return {"name": self.name, "num_images": self.num_images, "sha256": self.content_hash(),
+            "class_names": list(self.class_names), "image_shape": list(self.images.shape[1:])}
+
+
+def set_dir(workdir: str, name: str) -> str:
+  """Where the relabel/train artifacts of image set `name` live."""
+  safe = os.path.basename(os.path.normpath(name)) if os.sep in name else name
+  return os.path.join(workdir, "sets", safe)
+
+
+def random_real(dataset, ipc: int, seed: int) -> ImageSet:
+  """IPC training images per class, chosen without replacement by a seeded generator."""
+  per_class = dataset.class_indices("train")
+  smallest = min(len(rows) for rows in per_class)
+  if ipc > smallest:
+    raise ValueError(f"recover.ipc={ipc}: the random_real baseline needs {ipc} images per class but "
+                     f"the smallest class of {dataset.name} has {smallest}")
+  rng = np.random.default_rng([seed, _RANDOM_REAL_STREAM])
+  chosen = np.concatenate([np.sort(rng.choice(rows, size=ipc, replace=False)) for rows in per_class])
+  labels = dataset.labels("train")[chosen].astype(np.int32)
+  order = np.lexsort((np.arange(len(chosen)), labels))  # class-major, like the recover output
+  chosen, labels = chosen[order], labels[order]
+  return ImageSet(RANDOM_REAL, dataset.read("train", chosen), labels, tuple(dataset.class_names),
+                  f"random_real(ipc={ipc}, seed={seed}) from {dataset.name}")
+
+
+def load_npz(path: str, name: str) -> ImageSet:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no image set here")
+  with np.load(path, allow_pickle=False) as z:
+    missing = [k for k in ("images", "labels", "class_names") if k not in z.files]
+    if missing:
+      raise artifacts.ArtifactError(f"{path}: missing arrays {missing}; expected images, labels, class_names")
+    images, labels, class_names = z["images"], z["labels"], tuple(str(c) for c in z["class_names"])
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise artifacts.ArtifactError(f"{path}: images must be uint8 (N, H, W, 3), got {images.dtype} "
+                                  f"{images.shape}")
+  if labels.shape != (images.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() >= len(class_names))):
+    raise artifacts.ArtifactError(f"{path}: labels must be ({images.shape[0]},) integers in "
+                                  f"[0, {len(class_names)})")
+  return ImageSet(name, images, labels.astype(np.int32), class_names, path)
+
+
+def load(name: str, *, workdir: str, dataset, ipc: int, seed: int) -> ImageSet:
+  """Opens image set `name` and checks it matches the dataset's class order and image size."""
+  if name == RECOVER:
+    path = os.path.join(workdir, "recover", "images.npz")
+    if not os.path.exists(os.path.join(workdir, "recover", "recover.json")):
+      raise artifacts.ArtifactError(f"{os.path.join(workdir, 'recover')}: no finished recovered set; "
+                                    "run the recover stage first (--config.stage=recover)")
+    image_set = load_npz(path, RECOVER)
+  elif name == RANDOM_REAL:
+    image_set = random_real(dataset, ipc, seed)
+  else:
+    image_set = load_npz(os.path.join(name, "images.npz"), name)
+  if tuple(image_set.class_names) != tuple(dataset.class_names):
+    raise artifacts.ArtifactError(
+        f"{image_set.origin}: class order {list(image_set.class_names)[:5]}... differs from the data's "
+        f"{list(dataset.class_names)[:5]}...; the set was made for another dataset or class order")
+  size = dataset.image_size
+  if image_set.images.shape[1:3] != (size, size):
+    raise artifacts.ArtifactError(f"{image_set.origin}: images are {image_set.images.shape[1:3]}, the "
+                                  f"data's image_size is {size}")
+  return image_set

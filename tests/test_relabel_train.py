@@ -1,0 +1,285 @@
+"""Relabel (stored and online soft labels) and student training on tiny data and teachers."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recover_utils as ru
+from configs import common
+from prism_jax.data import image_sets, sources
+from prism_jax.io import artifacts
+from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.relabel import labeler, store, views
+from prism_jax.stages import relabel, train
+from prism_jax.train import losses
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("relabel_assets")
+  data = ru.write_tiny_arrays(str(root / "data"), per_class=6)
+  teachers = str(root / "teachers")
+  for seed, name in enumerate(("tiny_a", "tiny_b")):
+    ru.write_random_teacher(teachers, name, seed=seed)
+  return {"data": data, "teachers": teachers}
+
+
+def make_config(assets, **train_overrides):
+  c = common.base_config()
+  c.data = common.data_config(source="arrays", name="tiny", path=assets["data"])
+  c.recover.ipc = 4                       # random_real: 4 images per class -> 16 images
+  c.image_sets = ("random_real",)
+  common.set_protocol(c, "prism")
+  rl = c.relabel
+  rl.teachers, rl.teachers_dir, rl.aggregation = ("tiny_a", "tiny_b"), assets["teachers"], "norm_rescaled_mean"
+  tr = c.train
+  tr.student, tr.width = "tiny_a", 1.0
+  tr.epochs, tr.batch_size, tr.accumulation = 3, 8, 2
+  tr.eval_every_epochs, tr.log_every_steps, tr.checkpoint_every_steps = 1.0, 2, 2
+  c.progress_interval_s = 0.0
+  for k, v in train_overrides.items():
+    tr[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def relabeled(assets, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("relabel_run"))
+  config = make_config(assets)
+  index = relabel.run(config, workdir, mesh_lib.make_mesh(8))["random_real"]
+  return workdir, config, index
+
+
+def _image_set(config, workdir):
+  dataset = sources.open_dataset(config.data)
+  return dataset, image_sets.load("random_real", workdir=workdir, dataset=dataset, ipc=config.recover.ipc,
+                                  seed=config.seed)
+
+
+def test_views_replay_crop_flip_and_cutmix_by_hand():
+  spec = views.ViewSpec(image_size=4, rrc_scale=(0.25, 1.0))
+  images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+  params = views.ViewParams(
+      crop=jnp.asarray([[0, 0, 4, 4], [0, 0, 4, 4]], jnp.int32), flip=jnp.asarray([False, True]),
+      patch_perm=jnp.zeros((2, 1), jnp.int32), cutmix_box=jnp.asarray([0, 2, 0, 2], jnp.int32),
+      cutmix_perm=jnp.asarray([1, 0], jnp.int32), cutmix_lam=jnp.float32(0.75))
+  out = np.asarray(views.make_views(images, params, spec))
+  x = images.astype(np.float32) / 255
+  expected = np.stack([x[0], x[1][:, ::-1]])           # full-image crop = identity; image 1 flipped
+  mixed = expected.copy()
+  mixed[0, :2, :2], mixed[1, :2, :2] = expected[1, :2, :2], expected[0, :2, :2]  # box from the partner
+  np.testing.assert_allclose(out, mixed, atol=1e-6)
+
+
+def test_plan_is_a_function_of_seed_epoch_batch_only():
+  spec = views.ViewSpec(image_size=16)
+  a = views.sample_view_params(views.batch_key(0, 2, 1), 8, spec)
+  b = views.sample_view_params(views.batch_key(0, 2, 1), 8, spec)
+  c = views.sample_view_params(views.batch_key(0, 2, 0), 8, spec)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not np.array_equal(a.crop, c.crop)
+  crops = np.asarray(a.crop)
+  areas = crops[:, 2] * crops[:, 3] / 256.0
+  assert crops.min() >= 0 and (crops[:, 0] + crops[:, 2] <= 16).all() and areas.min() >= 0.25 - 0.1
+  order = views.sample_order(16, 0, 2)
+  assert sorted(order.tolist()) == list(range(16))
+  np.testing.assert_array_equal(views.batch_indices(16, 8, 0, 2, 1), order[8:16])
+
+
+def test_relabel_writes_checksummed_epoch_shards(relabeled):
+  workdir, config, index = relabeled
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  assert index["complete"] and sorted(index["shards"]) == [store.shard_name(e) for e in range(3)]
+  shard = store.read_shard(directory, 1, index)
+  assert shard["logits"].dtype == np.float16 and shard["logits"].shape == (2, 8, 4)
+  assert shard["indices"].shape == (2, 8) and shard["crop"].shape == (2, 8, 4)
+  # Each epoch uses every image exactly once (16 images, 2 batches of 8).
+  assert sorted(shard["indices"].reshape(-1).tolist()) == list(range(16))
+  assert shard["cutmix_box"].shape == (2, 4) and shard["cutmix_lam"].shape == (2,)
+
+
+def test_student_sees_exactly_the_pixels_the_teachers_labeled(relabeled):
+  workdir, config, index = relabeled
+  dataset, image_set = _image_set(config, workdir)
+  spec = relabel.view_spec(config, dataset)
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  epoch, b = 2, 1
+  # What the relabel stage fed the teachers (its own plan draw) ...
+  indices, params = relabel.draw_batch(image_set.num_images, 8, spec, config.seed, epoch, b)
+  teacher_input = views.normalized_views(image_set.images[indices], params, spec, dataset.mean, dataset.std)
+  # ... and what the train stage builds from the stored shard.
+  images, stored_params, hard, logits = train.stored_batch(store.read_shard(directory, epoch, index), b,
+                                                           image_set.images, image_set.labels)
+  student_input = views.normalized_views(images, stored_params, spec, dataset.mean, dataset.std)
+  np.testing.assert_array_equal(np.asarray(student_input), np.asarray(teacher_input))
+  np.testing.assert_array_equal(hard, image_set.labels[indices])
+  models_, variables, _ = relabel.load_teacher_set(("tiny_a", "tiny_b"), config.relabel.teachers_dir, dataset)
+  recomputed = labeler.ensemble_logits(models_, variables, student_input, "norm_rescaled_mean")
+  np.testing.assert_allclose(logits.astype(np.float32), np.asarray(recomputed), rtol=2e-3, atol=2e-3)
+  assert np.abs(logits).max() > 0
+
+
+def test_online_mode_computes_the_stored_labels(relabeled, assets):
+  workdir, config, index = relabeled
+  dataset, image_set = _image_set(config, workdir)
+  spec = relabel.view_spec(config, dataset)
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  shard = store.read_shard(directory, 0, index)
+  models_, variables, _ = relabel.load_teacher_set(("tiny_a", "tiny_b"), config.relabel.teachers_dir, dataset)
+  for b in range(2):
+    indices, params = relabel.draw_batch(image_set.num_images, 8, spec, config.seed, 0, b)
+    x = views.normalized_views(image_set.images[indices], params, spec, dataset.mean, dataset.std)
+    online = np.asarray(labeler.ensemble_logits(models_, variables, x, "norm_rescaled_mean"))
+    np.testing.assert_allclose(online, shard["logits"][b].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_relabel_resume_redoes_only_the_unfinished_epoch(relabeled, assets):
+  workdir, config, index = relabeled
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  before = dict(index["shards"])
+  kept = os.path.getmtime(os.path.join(directory, store.shard_name(0)))
+  # A run killed after writing epoch 2's shard but before recording it, epoch 1 never written.
+  partial = dict(index, complete=False,
+                 shards={k: v for k, v in before.items() if k == store.shard_name(0)})
+  store.write_index(directory, partial)
+  os.remove(os.path.join(directory, store.shard_name(1)))
+  again = relabel.run(config, workdir, mesh_lib.make_mesh(2))["random_real"]
+  assert again["complete"] and again["shards"] == before   # identical bytes with a different device count
+  assert os.path.getmtime(os.path.join(directory, store.shard_name(0))) == kept
+
+
+def test_train_stage_stored_labels_two_seeds(relabeled):
+  workdir, config, _ = relabeled
+  config.train.seeds = (0, 1)
+  results = train.run(config, workdir, mesh_lib.make_mesh(8))["random_real"]
+  per_seed = [artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", s), train.STUDENT_FILE))
+              for s in (0, 1)]
+  best = [r["best_top1"] for r in per_seed]
+  assert results["best_top1"]["values"] == best
+  assert results["best_top1"]["mean"] == pytest.approx(np.mean(best))
+  assert results["best_top1"]["std"] == pytest.approx(np.std(best, ddof=1))
+  for r in per_seed:
+    assert len(r["history"]) == 3 and [h["epoch"] for h in r["history"]] == [1.0, 2.0, 3.0]
+    assert r["best_top1"] >= r["last_top1"] == r["history"][-1]["top1"]
+    assert r["protocol"] == "prism"
+  assert per_seed[0]["history"] != per_seed[1]["history"]  # different student initializations
+  # Rerunning a finished stage is a no-op that returns the same numbers.
+  assert train.run(config, workdir, mesh_lib.make_mesh(8))["random_real"]["best_top1"] == results["best_top1"]
+
+
+def test_student_step_loss_is_the_protocol_loss_on_the_stored_views(relabeled):
+  workdir, config, index = relabeled
+  dataset, image_set = _image_set(config, workdir)
+  spec = relabel.view_spec(config, dataset)
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  images, params, hard, logits = train.stored_batch(store.read_shard(directory, 0, index), 0,
+                                                    image_set.images, image_set.labels)
+  from prism_jax import models
+  from prism_jax.train import optim, student
+  model = models.create_model("tiny_a", num_classes=4, stem="small")
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+  state = student.StudentState.create(apply_fn=model.apply, params=variables["params"],
+                                      tx=optim.make_optimizer("adamw", 1e-3, weight_decay=0.01),
+                                      batch_stats=variables["batch_stats"])
+  _, metrics = student.student_train_step(state, images, params, hard, logits, None, jax.random.key(1),
+                                          spec=spec, mean=dataset.mean, std=dataset.std, loss="mse_gt",
+                                          gamma=0.1, temperature=20.0, accumulation=1)
+  x = views.normalized_views(images, params, spec, dataset.mean, dataset.std)
+  student_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  expected = losses.mse_gt(student_logits, logits.astype(np.float32), hard, 0.1)
+  assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_train_online_mode_runs_and_records_it(assets, tmp_path):
+  config = make_config(assets, epochs=2, accumulation=1)
+  config.relabel.mode = "online"
+  workdir = str(tmp_path)
+  assert relabel.run(config, workdir, mesh_lib.make_mesh(4))["random_real"] == {"mode": "online"}
+  results = train.run(config, workdir, mesh_lib.make_mesh(4))["random_real"]
+  meta = artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", 0), train.STUDENT_FILE))
+  assert meta["fingerprint"]["relabel_mode"] == "online" and len(meta["history"]) == 2
+  assert 0.0 <= results["best_top1"]["mean"] <= 1.0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 4, "different batch_size"),
+    ("epochs", 2, "different epochs"),
+])
+def test_train_refuses_labels_made_for_other_settings(relabeled, field, value, message):
+  workdir, config, _ = relabeled
+  other = make_config({"data": config.data.path, "teachers": config.relabel.teachers_dir}, **{field: value})
+  with pytest.raises(artifacts.ArtifactError, match=message):
+    train.run(other, workdir, mesh_lib.make_mesh(1))
+
+
+def test_train_refuses_labels_of_another_image_set(relabeled):
+  workdir, config, _ = relabeled
+  other = make_config({"data": config.data.path, "teachers": config.relabel.teachers_dir})
+  other.seed = 5  # a different random_real draw
+  with pytest.raises(artifacts.ArtifactError, match="different image set"):
+    train.run(other, workdir, mesh_lib.make_mesh(1))
+
+
+def test_missing_and_corrupt_shards_are_named(relabeled, tmp_path):
+  workdir, config, index = relabeled
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  with pytest.raises(artifacts.ArtifactError, match="missing soft-label shard for epoch 7"):
+    store.read_shard(directory, 7, index)
+  copy = str(tmp_path / "relabel")
+  os.makedirs(copy)
+  with open(os.path.join(directory, store.shard_name(0)), "rb") as f:
+    data = bytearray(f.read())
+  data[len(data) // 2] ^= 0xFF
+  with open(os.path.join(copy, store.shard_name(0)), "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(artifacts.ArtifactError, match="corrupt"):
+    store.read_shard(copy, 0, index)
+
+
+def test_bad_relabel_and_train_config_values(assets, tmp_path):
+  cases = [("relabel", "aggregation", "median", "relabel.aggregation"),
+           ("relabel", "mode", "lazy", "relabel.mode"),
+           ("train", "loss", "hinge", "train.loss"),
+           ("train", "accumulation", 3, "train.accumulation")]
+  for section, field, value, message in cases:
+    config = make_config(assets)
+    config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+      train.run(config, str(tmp_path), mesh_lib.make_mesh(1))
+  config = make_config(assets)
+  config.relabel.teachers = ("tiny_a", "missing_teacher")
+  with pytest.raises(artifacts.ArtifactError, match="missing_teacher"):
+    relabel.run(config, str(tmp_path), mesh_lib.make_mesh(1))
+  config = make_config(assets, batch_size=32)
+  with pytest.raises(ValueError, match="train.batch_size=32 is larger than the 16 images"):
+    relabel.run(config, str(tmp_path), mesh_lib.make_mesh(1))
+
+
+def test_protocol_presets():
+  c = common.base_config()
+  common.set_protocol(c, "rd3")
+  assert (c.train.batch_size, c.train.zeta, c.train.epochs, c.relabel.patch_shuffle_grid) == (50, 1.0, 400, 2)
+  c.train.student = "mobilenet_v2"
+  common.set_protocol(c, "rd3")
+  assert (c.train.batch_size, c.train.zeta, c.train.schedule) == (100, 2.0, "smoothed_cosine")
+  common.set_protocol(c, "sre2l")
+  assert (c.train.loss, c.train.temperature, c.relabel.aggregation, c.relabel.rrc_scale) == ("kl", 20.0, "single", (0.08, 1.0))
+  common.set_protocol(c, "prism")
+  assert (c.train.schedule, c.train.zeta, c.train.gamma, c.relabel.rrc_scale) == ("prism_cos2", 2.5, 0.1, (0.25, 1.0))
+  with pytest.raises(ValueError, match="train.protocol"):
+    common.set_protocol(c, "fancy")
+
+
+def test_random_real_is_seeded_class_balanced_and_checked(assets):
+  config = make_config(assets)
+  dataset = sources.open_dataset(config.data)
+  a = image_sets.random_real(dataset, 4, seed=0)
+  b = image_sets.random_real(dataset, 4, seed=0)
+  c = image_sets.random_real(dataset, 4, seed=1)
+  assert a.content_hash() == b.content_hash() != c.content_hash()
+  np.testing.assert_array_equal(a.labels, np.repeat(np.arange(4), 4))
+  with pytest.raises(ValueError, match="smallest class"):
+    image_sets.random_real(dataset, 7, seed=0)
