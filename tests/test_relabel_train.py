@@ -283,3 +283,75 @@ def test_random_real_is_seeded_class_balanced_and_checked(assets):
   np.testing.assert_array_equal(a.labels, np.repeat(np.arange(4), 4))
   with pytest.raises(ValueError, match="smallest class"):
     image_sets.random_real(dataset, 7, seed=0)
+
+
+def _tiny_state(name, tx, seed=0):
+  from prism_jax import models
+  from prism_jax.train import student
+  model = models.create_model(name, num_classes=4, stem="small")
+  variables = model.init(jax.random.key(seed), jnp.zeros((2, 16, 16, 3)), train=False)
+  return student.StudentState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                     batch_stats=variables.get("batch_stats", {}), ema_params=variables["params"])
+
+
+def _stored_inputs(relabeled, epoch=0, b=0):
+  workdir, config, index = relabeled
+  dataset, image_set = _image_set(config, workdir)
+  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  batch = train.stored_batch(store.read_shard(directory, epoch, index), b, image_set.images, image_set.labels)
+  return dataset, relabel.view_spec(config, dataset), batch
+
+
+def test_accumulation_averages_micro_batch_gradients_and_ema_tracks_params(relabeled):
+  import optax
+  from prism_jax.train import student
+  dataset, spec, (images, params, hard, logits) = _stored_inputs(relabeled)
+  kw = dict(spec=spec, mean=dataset.mean, std=dataset.std, loss="mse_gt", gamma=0.1, temperature=20.0)
+  # A BatchNorm-free student: the mean loss over two equal halves has the full batch's gradient.
+  sgd = optax.sgd(0.5)
+  one, _ = student.student_train_step(_tiny_state("tiny_nobn", sgd), images, params, hard, logits, None,
+                                      jax.random.key(1), accumulation=1, **kw)
+  two, _ = student.student_train_step(_tiny_state("tiny_nobn", sgd), images, params, hard, logits, None,
+                                      jax.random.key(1), accumulation=2, **kw)
+  start = _tiny_state("tiny_nobn", sgd)
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), one.params, start.params)
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+  for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # EMA after one step: decay * initial + (1 - decay) * updated parameters.
+  ema, _ = student.student_train_step(start, images, params, hard, logits, None, jax.random.key(1),
+                                      accumulation=1, ema_decay=0.9, **kw)
+  for e, p0, p1 in zip(*(jax.tree_util.tree_leaves(t) for t in (ema.ema_params, _tiny_state("tiny_nobn", sgd).params,
+                                                               ema.params))):
+    np.testing.assert_allclose(np.asarray(e), 0.9 * np.asarray(p0) + 0.1 * np.asarray(p1), rtol=1e-5, atol=1e-7)
+
+
+def test_killed_student_run_resumes_to_the_same_result(relabeled, tmp_path):
+  import shutil
+  workdir, config, _ = relabeled
+  config.train.seeds = (3,)
+  first = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
+  out = train.student_dir(workdir, "random_real", 3)
+  # Simulate a crash after step 4 of 6: the final checkpoint and the result file never written.
+  os.remove(os.path.join(out, train.STUDENT_FILE))
+  shutil.rmtree(os.path.join(out, "ckpt", "6"))
+  again = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
+  meta = artifacts.read_json(os.path.join(out, train.STUDENT_FILE))
+  assert meta["timing_last_run"]["steps_run"] == 2       # only steps 5 and 6 were run again
+  assert again["best_top1"] == first["best_top1"] and again["last_top1"] == first["last_top1"]
+
+
+def test_labels_with_another_class_count_are_refused(relabeled, tmp_path):
+  import shutil
+  workdir, config, index = relabeled
+  src = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  dst = str(tmp_path / "relabel")
+  shutil.copytree(src, dst)
+  shard = store.read_shard(dst, 0, index)
+  shard["logits"] = np.zeros(shard["logits"].shape[:2] + (7,), np.float16)
+  fixed = dict(index, shards=dict(index["shards"], **{store.shard_name(0): store.write_shard(dst, 0, shard)}))
+  dataset, image_set = _image_set(config, workdir)
+  labels = train._StoredLabels.__new__(train._StoredLabels)
+  labels.dir, labels.index, labels._epoch, labels._shard, labels.num_classes = dst, fixed, -1, None, 4
+  with pytest.raises(artifacts.ArtifactError, match="7 classes in the soft labels, the student has 4"):
+    labels.epoch(0)
