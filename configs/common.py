@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from prism_jax.data import sources
+from prism_jax.train import protocols
 
 STAGES = ("squeeze", "recover", "relabel", "train", "evaluate", "all")
 
@@ -188,40 +189,12 @@ def evaluate_config() -> ml_collections.ConfigDict:
   return c
 
 
-PROTOCOLS = ("prism", "sre2l", "rd3")
+PROTOCOLS = protocols.PROTOCOLS
 
 
 def set_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
-  """One switch for the evaluation protocol (relabel + student training), SPEC 6.
-
-  prism  4-teacher norm-rescaled soft labels, RRC 0.25-1 + flip + CutMix, mse_gt (gamma 0.1),
-         batch 50 (2 micro-batches), 300 epochs, prism_cos2 (zeta 2.5)
-  sre2l  resnet18 soft labels, RRC 0.08-1 + flip + CutMix, KL (T 20), cosine, 300 epochs
-         (batch 1024 on ImageNet; set train.batch_size)
-  rd3    resnet18 soft labels, PatchShuffle (2x2) + RRC 0.5-1 + flip + CutMix, KL (T 20), 400 epochs,
-         batch 50 and smoothed cosine zeta 1 for a resnet18 student, else batch 100 and zeta 2
-  """
-  rl, tr = config.relabel, config.train
-  tr.protocol = protocol
-  tr.optimizer, tr.learning_rate, tr.weight_decay, tr.accumulation, tr.ema_decay = "adamw", 1e-3, 0.01, 1, 0.0
-  rl.flip, rl.cutmix, rl.patch_shuffle_grid = True, True, 0
-  if protocol == "prism":
-    rl.teachers = ("resnet18", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5")
-    rl.aggregation, rl.rrc_scale = "norm_rescaled_mean", (0.25, 1.0)
-    tr.loss, tr.gamma, tr.batch_size, tr.accumulation, tr.epochs = "mse_gt", 0.1, 50, 2, 300
-    tr.schedule, tr.zeta = "prism_cos2", 2.5
-  elif protocol == "sre2l":
-    rl.teachers, rl.aggregation, rl.rrc_scale = ("resnet18",), "single", (0.08, 1.0)
-    tr.loss, tr.temperature, tr.batch_size, tr.epochs = "kl", 20.0, 1024, 300
-    tr.schedule, tr.zeta = "cosine", 0.0
-  elif protocol == "rd3":
-    rl.teachers, rl.aggregation, rl.rrc_scale, rl.patch_shuffle_grid = ("resnet18",), "single", (0.5, 1.0), 2
-    tr.loss, tr.temperature, tr.epochs, tr.schedule = "kl", 20.0, 400, "smoothed_cosine"
-    small = tr.student == "resnet18"
-    tr.batch_size, tr.zeta = (50, 1.0) if small else (100, 2.0)
-  else:
-    raise ValueError(f"train.protocol={protocol!r}: expected one of {PROTOCOLS}")
-  return config
+  """Sets relabel + student training to a named evaluation protocol (see prism_jax/train/protocols.py)."""
+  return protocols.apply(config, protocol)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -355,3 +355,12 @@ def test_labels_with_another_class_count_are_refused(relabeled, tmp_path):
   labels.dir, labels.index, labels._epoch, labels._shard, labels.num_classes = dst, fixed, -1, None, 4
   with pytest.raises(artifacts.ArtifactError, match="7 classes in the soft labels, the student has 4"):
     labels.epoch(0)
+
+
+def test_a_protocol_name_that_does_not_match_the_settings_is_refused(assets, tmp_path):
+  config = make_config(assets)
+  config.train.protocol = "rd3"   # e.g. --config.train.protocol=rd3 without the rd3 settings
+  with pytest.raises(ValueError, match="train.protocol='rd3' but relabel.aggregation"):
+    relabel.run(config, str(tmp_path), mesh_lib.make_mesh(1))
+  config.train.protocol = "custom"
+  relabel.check_config(config)

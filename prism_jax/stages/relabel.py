@@ -21,6 +21,7 @@ from prism_jax.data import image_sets, sources
 from prism_jax.io import artifacts, monitoring, teacher_store
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.relabel import aggregate, labeler, store, views
+from prism_jax.train import protocols
 
 MODES = ("stored", "online")
 
@@ -49,6 +50,7 @@ def check_config(config) -> None:
     raise ValueError(f"relabel.aggregation='single' uses one teacher, got relabel.teachers={tuple(rl.teachers)}")
   if tr.epochs < 1 or tr.batch_size < 1:
     raise ValueError(f"train.epochs={tr.epochs} / train.batch_size={tr.batch_size}: expected >= 1")
+  protocols.check(config)
   if not config.image_sets:
     raise ValueError("image_sets is empty: expected e.g. ('recover',) or ('recover', 'random_real')")
 
