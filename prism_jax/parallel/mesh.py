@@ -50,6 +50,25 @@ def put_global_batch(local_rows: np.ndarray, global_batch: int, mesh: Mesh) -> j
   return jax.make_array_from_process_local_data(data_sharding(mesh), local_rows, shape)
 
 
+def fetch_local_batch(array: jax.Array) -> np.ndarray:
+  """This process's rows of a data-sharded array, as a host array (`jax.device_get` would need
+  every process's rows, which a multi-process run cannot fetch)."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def replicate(tree, mesh: Mesh):
-  """Places a host pytree on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a host pytree (the same on every process) on every device of the mesh.
+
+  With several processes each fills only its own devices: `jax.device_put` would first all-gather
+  every leaf to check that the processes agree, a collective as large as the tree (the whole image
+  set in relabel) that also stalls a process until all others reach the same call.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(leaf):
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(put, tree)

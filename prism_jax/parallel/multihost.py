@@ -1,11 +1,16 @@
-"""jax.distributed initialisation: explicit coordinator flags, cluster auto-detection, or no-op."""
+"""Multi-process JAX: initialisation (explicit coordinator flags, cluster auto-detection, or no-op)
+and the few cross-process steps the stages need (barrier, broadcast, gathering a sharded batch)."""
 
 from __future__ import annotations
 
 import os
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+
+from prism_jax.parallel import mesh as mesh_lib
 
 # Environment variables that mean "this process is one worker of a managed cluster" for which
 # jax.distributed.initialize() can detect everything by itself.
@@ -44,3 +49,28 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (a no-op on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(value: int) -> int:
+  """Process 0's value of an integer, on every process (so all take the same branch)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def gather_global_batch(local_rows, global_batch: int, mesh) -> dict:
+  """Every process's rows of a data-sharded batch, in global row order, on every process.
+
+  `local_rows` is a dict of host arrays holding this process's rows (`mesh.local_batch_slice`);
+  the data travel through the devices (cross-process all-gather), so no shared filesystem is needed.
+  """
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in local_rows.items()}
+  arrays = {k: mesh_lib.put_global_batch(np.asarray(v), global_batch, mesh) for k, v in local_rows.items()}
+  return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(arrays, tiled=True).items()}

@@ -1,14 +1,21 @@
 """Recover stage: PRISM image synthesis over all IPC indices and class chunks (SPEC 4).
 
 Work directory layout (`<workdir>/recover/`):
-  waves/waveNNNNN.npz          finished waves (final images + per-unit losses), written atomically
-  waves/waveNNNNN.partial.npz  mid-wave checkpoint (state + iteration), replaced as the wave runs
+  waves/waveNNNNN.pP.npz          process P's rows of a finished wave (final images + per-unit
+                                  losses), written atomically
+  waves/waveNNNNN.pP.partial.npz  process P's mid-wave checkpoint (state + iteration)
   images/<class>/ipcNNNN.png, images.npz, manifest.jsonl, classes.json   the exported set
-  recover.json                 completion marker: fingerprint, timing, useful-work fraction
+  recover.json                    completion marker: fingerprint, timing, useful-work fraction
 
 A killed run skips finished waves, resumes an unfinished wave from its last mid-wave checkpoint
 (or from the start), and ends with the same images as an uninterrupted run: every random draw is
 a function of (seed, IPC index, chunk, iteration), never of scheduling.
+
+Multi-process runs (one mesh over all processes' devices): each process feeds, runs and saves
+only its rows of every wave, and resumes from its own wave files. After each wave the rows are
+all-gathered over the devices, so process 0 writes the exported set, the completion marker and
+the TensorBoard summaries without reading other processes' files: the work directories need not
+be shared (later stages read the exported set, so there they must be, or be copied).
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from prism_jax.data import sources
 from prism_jax.data import stats as data_stats
 from prism_jax.io import artifacts, monitoring, teacher_store
 from prism_jax.models import bn_stats
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.recover import engine, export, schedule, selection
 
 STAGE_DIR = "recover"
 DONE_FILE = "recover.json"
+SUMMARY_IMAGES = 8  # TensorBoard shows this many images (classes) of each wave's first unit
 _EXECUTION_FIELDS = ("units_per_device", "iterations_per_call", "checkpoint_every_iterations",
                      "sequential_teachers", "remat", "export_jpeg", "teachers_dir")
 
@@ -114,9 +122,24 @@ def run(config, workdir: str, mesh) -> dict:
   dataset = sources.open_dataset(config.data)
   fp = fingerprint(config, dataset)
   done_path = os.path.join(out_dir, DONE_FILE)
-  if os.path.exists(done_path):
+  # Process 0's marker decides for every process (their work directories need not be shared).
+  meta, refused = None, None
+  if multihost.is_main_process() and os.path.exists(done_path):
     meta = artifacts.read_json(done_path)
-    artifacts.check_same("the recovered set", done_path, fp, meta["fingerprint"])
+    try:
+      artifacts.check_same("the recovered set", done_path, fp, meta["fingerprint"])
+    except artifacts.ArtifactError as e:
+      refused = e
+  status = multihost.broadcast_from_main(0 if meta is None else 2 if refused else 1)
+  if status == 2:
+    raise refused or artifacts.ArtifactError(
+        f"{done_path}: process 0 holds a finished recovery made with another config (see its error)")
+  if status == 1:
+    if meta is None and os.path.exists(done_path):
+      meta = artifacts.read_json(done_path)
+    if meta is None:  # this process cannot see process 0's work directory
+      print(f"[recover] already done (process 0's {done_path})", flush=True)
+      return {"fingerprint": fp}
     print(f"[recover] already done: {meta['num_images']} images in {out_dir}", flush=True)
     return meta
   spec = selection_spec(rc)
@@ -186,22 +209,47 @@ def run(config, workdir: str, mesh) -> dict:
   mean, std = dataset.mean, dataset.std
   low, high = data_stats.pixel_bounds(mean, std)
   start = time.perf_counter()
-  results = []
+  records = []  # (unit, images, final CE, final BN, seconds) of every unit; kept on process 0 only
   total_iters = sum(w.iterations for w in waves)
   progress = monitoring.Progress("recover", total_iters, unit="wave-iteration",
                                  items_per_step=width * rc.classes_per_batch, item_unit="img-it",
                                  interval_s=config.progress_interval_s)
+  # Placed once for the whole job (inside run_wave, processes do not move in step: see there).
+  teacher_vars = mesh_lib.replicate(tuple(teachers.variables[n] for n in order), mesh)
   done_iters = 0
   for wave in waves:
-    result = run_wave(wave, order, unit_weights, config, dataset, teachers, mesh, out_dir,
-                      low=tuple(map(float, low)), high=tuple(map(float, high)),
-                      progress=progress, progress_offset=done_iters, writer=writer)
+    local = run_wave(wave, order, unit_weights, config, dataset, teachers, teacher_vars, mesh, out_dir,
+                     low=tuple(map(float, low)), high=tuple(map(float, high)),
+                     progress=progress, progress_offset=done_iters, writer=writer)
     done_iters += wave.iterations
-    results.append(result)
+    # Every process's rows reach every process: each can name a failed unit, and process 0
+    # exports the whole set without reading other processes' wave files.
+    rows = multihost.gather_global_batch(local, wave.width, mesh)
+    _raise_if_nonfinite(wave, rows, out_dir)
+    if multihost.is_main_process():
+      records += [(u, rows["images"][j], float(rows["last_ce"][j]), float(rows["last_bn"][j]),
+                   float(rows["seconds"][j])) for j, u in enumerate(wave.units)]
+      first_unit = rows["images"][0][:SUMMARY_IMAGES]
+      writer.write_images(done_iters, {"recover/images": export.to_uint8(first_unit, mean, std)})
 
-  # Assemble the exported set in (IPC index, class) order.
-  records = [(u, images, ce, bn, secs) for r in results for (u, images, ce, bn, secs) in r]
-  records.sort(key=lambda r: (r[0].ipc_index, r[0].chunk))
+  num_images = sum(len(u.classes) for u in units)
+  meta = {"fingerprint": fp, "num_images": num_images, "num_units": len(units),
+          "num_waves": len(waves), "useful_work": work, "class_names": list(dataset.class_names)}
+  if multihost.is_main_process():
+    _export(records, out_dir, dataset, config)
+    meta["wall_seconds_last_run"] = time.perf_counter() - start
+    artifacts.write_json(done_path, meta)
+  writer.flush()
+  multihost.barrier("recover: exported")  # no process moves on before the set is written
+  if multihost.is_main_process():
+    print(f"[recover] {num_images} images -> {out_dir}", flush=True)
+  return meta
+
+
+def _export(records, out_dir: str, dataset, config) -> None:
+  """Writes the exported set in (IPC index, class) order from every unit's final images."""
+  rc = config.recover
+  records = sorted(records, key=lambda r: (r[0].ipc_index, r[0].chunk))
   all_images, labels, ipcs, manifest = [], [], [], []
   for unit, images, ce, bn, secs in records:
     for j, cls in enumerate(unit.classes):
@@ -212,20 +260,22 @@ def run(config, workdir: str, mesh) -> dict:
                        "iterations": unit.iterations, "seed": config.seed, "final_ce": ce,
                        "final_bn": bn, "wall_seconds": secs})
   normalized = np.stack(all_images)
-  labels, ipcs = np.asarray(labels), np.asarray(ipcs)
-  if jax.process_index() == 0:
-    export.write_outputs(out_dir, export.to_uint8(normalized, mean, std), labels, ipcs,
-                         dataset.class_names, manifest, export_jpeg=rc.export_jpeg,
-                         jpeg_images_u8=export.to_uint8(normalized, mean, std, truncate=True))
-  seconds = time.perf_counter() - start
-  meta = {"fingerprint": fp, "num_images": int(len(labels)), "num_units": len(units),
-          "num_waves": len(waves), "useful_work": work, "wall_seconds_last_run": seconds,
-          "class_names": list(dataset.class_names)}
-  if jax.process_index() == 0:
-    artifacts.write_json(done_path, meta)
-  writer.flush()
-  print(f"[recover] {len(labels)} images -> {out_dir}", flush=True)
-  return meta
+  mean, std = dataset.mean, dataset.std
+  export.write_outputs(out_dir, export.to_uint8(normalized, mean, std), np.asarray(labels), np.asarray(ipcs),
+                       dataset.class_names, manifest, export_jpeg=rc.export_jpeg,
+                       jpeg_images_u8=export.to_uint8(normalized, mean, std, truncate=True))
+
+
+def _raise_if_nonfinite(wave: schedule.Wave, rows: dict, out_dir: str) -> None:
+  """Stops every process alike when any unit of the wave met a non-finite loss."""
+  bad = [(j, int(rows["nonfinite_at"][j])) for j in range(len(wave.units)) if rows["nonfinite_at"][j] >= 0]
+  if bad:
+    j, iteration = bad[0]
+    u = wave.units[j]
+    raise FloatingPointError(
+        f"recover: non-finite loss in {wave.uid}, recovery batch ipc_index={u.ipc_index} "
+        f"chunk={u.chunk}, iteration {iteration}; finished waves are kept in "
+        f"{os.path.join(out_dir, 'waves')} (lower recover.learning_rate or check the teachers)")
 
 
 _STATE_KEYS = ("images", "adam_m", "adam_v", "last_ce", "last_bn", "nonfinite_at")
@@ -260,18 +310,26 @@ def initial_images(units, dataset, rc, seed: int) -> np.ndarray:
   return np.stack(out).astype(np.float32)
 
 
-def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers: Teachers, mesh,
-             out_dir: str, *, low, high, progress, progress_offset: int, writer):
-  """Runs (or loads) one wave; returns [(unit, images (C,H,W,3), final_ce, final_bn, seconds)]."""
+def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers: Teachers, teacher_vars,
+             mesh, out_dir: str, *, low, high, progress, progress_offset: int, writer) -> dict:
+  """Runs (or loads) this process's rows of one wave.
+
+  Returns host arrays over those rows: final `images` (rows, C, H, W, 3), `last_ce`, `last_bn`,
+  `nonfinite_at` (-1, or the iteration of a non-finite loss) and `seconds` (wall time, per row).
+  `teacher_vars` are the variables of the teachers in `order`, replicated over the mesh.
+  Processes never wait for each other here (no collective: the program has no cross-device
+  communication and every input is built from this process's rows), so each resumes from its
+  own wave files; the caller gathers the rows afterwards.
+  """
   rc = config.recover
   final_path = _wave_path(out_dir, wave)
   rows = mesh_lib.local_batch_slice(wave.width, mesh)
   padded = list(wave.units) + [wave.units[0]] * (wave.width - len(wave.units))
   local_units = padded[rows]
-  is_real = [rows.start + j < len(wave.units) for j in range(len(local_units))]
+  is_real = np.asarray([rows.start + j < len(wave.units) for j in range(len(local_units))])
   if os.path.exists(final_path):
     saved = _load_npz(final_path)
-    return _records(local_units, is_real, saved)
+    return _local_result(saved, float(saved["seconds"]))
 
   start = time.perf_counter()
   t_max = wave.iterations
@@ -287,7 +345,7 @@ def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers
     saved = _load_npz(partial_path)
     t0 = int(saved.pop("iteration"))
     host_state = {k: saved[k] for k in _STATE_KEYS}
-    print(f"[recover] {wave.uid}: resuming at iteration {t0}/{t_max}", flush=True)
+    print(f"[recover] {wave.uid}: resuming at iteration {t0}/{t_max}{_process_tag()}", flush=True)
   else:
     t0 = 0
     host_state = {k: np.asarray(v) for k, v in
@@ -296,7 +354,6 @@ def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers
   put = lambda x: mesh_lib.put_global_batch(x, wave.width, mesh)
   state = {k: put(v) for k, v in host_state.items()}
   args = [put(a) for a in (keys, labels, totals, ce_w, bn_w)]
-  teacher_vars = mesh_lib.replicate(tuple(teachers.variables[n] for n in order), mesh)
   cfg = engine.StepConfig(
       teacher_names=order, image_size=dataset.image_size, low=low, high=high,
       learning_rate=rc.learning_rate, first_bn_multiplier=rc.first_bn_multiplier,
@@ -309,36 +366,44 @@ def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers
   while t < t_max:
     stop = min(t + rc.iterations_per_call, t_max)
     state = step(state, *args, teacher_vars, np.int32(t), np.int32(stop), models=models, cfg=cfg, mesh=mesh)
-    bad = np.asarray(jax.device_get(state["nonfinite_at"]))
     previous, t = t, stop
-    if (bad >= 0).any():
-      j = int(np.argmax(bad >= 0))
-      u = local_units[j]
-      raise FloatingPointError(
-          f"recover: non-finite loss in {wave.uid}, recovery batch ipc_index={u.ipc_index} "
-          f"chunk={u.chunk}, iteration {int(bad[j])}; finished waves are kept in "
-          f"{os.path.dirname(final_path)} (lower recover.learning_rate or check the teachers)")
-    ce, bn = (np.asarray(jax.device_get(state[k])) for k in ("last_ce", "last_bn"))
-    real_ce = ce[np.asarray(is_real)]
-    real_bn = bn[np.asarray(is_real)]
-    progress.update(progress_offset + t, {"wave": wave.uid, "ce": float(real_ce.mean()),
-                                          "bn": float(real_bn.mean())}, force=t == t_max)
-    writer.write_scalars(progress_offset + t, {"recover/ce": float(real_ce.mean()),
-                                               "recover/bn": float(real_bn.mean())})
+    if (mesh_lib.fetch_local_batch(state["nonfinite_at"]) >= 0).any():
+      # Keep finished waves and stop here; the caller names the unit on every process.
+      return _local_result(_host_state(state), time.perf_counter() - start)
+    if is_real.any():  # a process may hold only padding rows of a short wave
+      ce, bn = (mesh_lib.fetch_local_batch(state[k])[is_real].mean() for k in ("last_ce", "last_bn"))
+      progress.update(progress_offset + t, {"wave": wave.uid, "ce": float(ce), "bn": float(bn)},
+                      force=t == t_max)
+      # Process 0's units (the writer is silent elsewhere): no cross-process wait inside a wave.
+      writer.write_scalars(progress_offset + t, {"recover/ce": float(ce), "recover/bn": float(bn)})
     every = rc.checkpoint_every_iterations
     if every and t < t_max and t // every > previous // every:
-      _save_partial(partial_path, state, t)
-  host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
+      artifacts.write_npz(partial_path, iteration=np.int64(t), **_host_state(state))
+  host = _host_state(state)
   seconds = time.perf_counter() - start
   artifacts.write_npz(final_path, images=host["images"], last_ce=host["last_ce"], last_bn=host["last_bn"],
                       seconds=np.float64(seconds),
                       ipc_index=np.asarray([u.ipc_index for u in local_units], np.int32),
                       chunk=np.asarray([u.chunk for u in local_units], np.int32),
-                      is_real=np.asarray(is_real))
+                      is_real=is_real)
   if os.path.exists(partial_path):
     os.remove(partial_path)
-  return _records(local_units, is_real, {"images": host["images"], "last_ce": host["last_ce"],
-                                         "last_bn": host["last_bn"], "seconds": seconds})
+  return _local_result(host, seconds)
+
+
+def _process_tag() -> str:
+  return f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+
+
+def _host_state(state: dict) -> dict:
+  return {k: mesh_lib.fetch_local_batch(v) for k, v in state.items()}
+
+
+def _local_result(saved: dict, seconds: float) -> dict:
+  rows = len(saved["last_ce"])
+  nonfinite = saved["nonfinite_at"] if "nonfinite_at" in saved else np.full((rows,), -1, np.int32)
+  return {"images": saved["images"], "last_ce": saved["last_ce"], "last_bn": saved["last_bn"],
+          "nonfinite_at": np.asarray(nonfinite, np.int32), "seconds": np.full((rows,), seconds, np.float32)}
 
 
 def load_wave_images(workdir: str) -> dict[tuple[int, int], np.ndarray]:
@@ -351,17 +416,6 @@ def load_wave_images(workdir: str) -> dict[tuple[int, int], np.ndarray]:
       for j in np.flatnonzero(saved["is_real"]):
         out[(int(saved["ipc_index"][j]), int(saved["chunk"][j]))] = saved["images"][j]
   return out
-
-
-def _save_partial(path: str, state, iteration: int) -> None:
-  host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
-  artifacts.write_npz(path, iteration=np.int64(iteration), **host)
-
-
-def _records(local_units, is_real, saved):
-  seconds = float(saved["seconds"])
-  return [(u, saved["images"][j], float(saved["last_ce"][j]), float(saved["last_bn"][j]), seconds)
-          for j, (u, real) in enumerate(zip(local_units, is_real)) if real]
 
 
 @functools.lru_cache(maxsize=None)

@@ -79,10 +79,15 @@ def student_train_step(state: StudentState, images_u8: jax.Array, params: views.
     agree = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(tm, -1))
     return (grads_sum, batch_stats), (value, correct, agree)
 
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-  (grads, batch_stats), (values, correct, agree) = jax.lax.scan(
-      body, (zeros, state.batch_stats),
-      (micro(x), micro(teacher_logits), micro(hard_labels), jnp.arange(accumulation)))
+  # A Python loop, not lax.scan: XLA:CPU runs convolutions inside a loop body an order of magnitude
+  # slower (measured: 8.4 s vs 0.5 s per ResNet-18 step), and `accumulation` is small.
+  carry = (jax.tree_util.tree_map(jnp.zeros_like, state.params), state.batch_stats)
+  outs = []
+  for i, inputs in enumerate(zip(micro(x), micro(teacher_logits), micro(hard_labels))):
+    carry, out = body(carry, inputs + (i,))
+    outs.append(out)
+  grads, batch_stats = carry
+  values, correct, agree = (jnp.stack(v) for v in zip(*outs))
   grads = jax.tree_util.tree_map(lambda g: g / accumulation, grads)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if ema_decay:
