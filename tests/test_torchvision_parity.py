@@ -109,6 +109,17 @@ def test_import_tool_writes_a_loadable_teacher(tmp_path):
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   _assert_close(logits, ref_logits, "imported teacher logits")
 
+  assert meta["class_names"] == list(import_torchvision.imagenet_class_names())  # 1000-class head
+
+  # Class names from a file travel with the teacher; a 1000-class head defaults to the synset ids.
+  names = tmp_path / "names.txt"
+  names.write_text("".join(f"class_{i}\n" for i in range(NUM_CLASSES)))
+  assert import_torchvision.main(["--arch", "shufflenet_v2_x0_5", "--pth", str(pth), "--out",
+                                  str(tmp_path / "named"), "--class-names", str(names)]) == 0
+  assert teacher_store.load_meta(str(tmp_path / "named"))["class_names"][-1] == f"class_{NUM_CLASSES - 1}"
+  synsets = import_torchvision.imagenet_class_names()
+  assert len(synsets) == 1000 and synsets[:2] == ("n01440764", "n01443537") and synsets[-1] == "n15075141"
+
   # A wrong class count fails with the offending key named, and writes nothing.
   assert import_torchvision.main(["--arch", "shufflenet_v2_x0_5", "--pth", str(pth),
                                   "--out", str(tmp_path / "bad"), "--num-classes", "10"]) == 1

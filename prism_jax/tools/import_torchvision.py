@@ -1,7 +1,10 @@
 """Import torchvision ImageNet weights as a prism_jax teacher.
 
   python -m prism_jax.tools.import_torchvision --arch resnet18 --pth resnet18-f37072fd.pth \
-      --out workdir/teachers/resnet18 [--num-classes 1000]
+      --out workdir/teachers/resnet18 [--num-classes 1000] [--class-names names.txt]
+
+A 1000-class head gets the ImageNet-1K synset ids (n01440764, ...) as class names, the names the
+`tfds` imagenet2012 and ImageFolder sources produce, so the class-order check passes.
 
 Loads the .pth with torch (the only place outside tests that imports torch), converts it with the
 explicit key map of `prism_jax.models.torchvision_import` (strict: any missing, unexpected or
@@ -32,16 +35,40 @@ def load_pth_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
 
 
-def import_teacher(arch: str, pth: str, out_dir: str, num_classes: int | None = None) -> dict:
+def imagenet_class_names() -> tuple[str, ...]:
+  """The 1000 ImageNet-1K synset ids in torchvision's (= TFDS imagenet2012's = sorted folder) order.
+
+  Read from the label file that ships with tensorflow-datasets (no download), so imported teachers
+  carry the class names the `tfds` and `imagenetfolder` data sources produce.
+  """
+  from importlib import resources
+  text = resources.files("tensorflow_datasets").joinpath("datasets/imagenet2012/labels.txt").read_text()
+  names = tuple(line.strip() for line in text.splitlines() if line.strip())
+  if len(names) != 1000:
+    raise ValueError(f"tensorflow_datasets imagenet2012 labels.txt lists {len(names)} classes, expected 1000")
+  return names
+
+
+def read_class_names(path: str) -> tuple[str, ...]:
+  with open(path) as f:
+    return tuple(line.strip() for line in f if line.strip())
+
+
+def import_teacher(arch: str, pth: str, out_dir: str, num_classes: int | None = None,
+                   class_names: Sequence[str] | None = None) -> dict:
   state_dict = load_pth_state_dict(pth)
   variables = torchvision_import.torchvision_state_dict_to_variables(arch, state_dict, num_classes)
   num_classes = int(np.shape(_final_bias(variables, arch))[0])
+  if class_names is None:
+    class_names = imagenet_class_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
+  if len(class_names) != num_classes:
+    raise ValueError(f"--class-names lists {len(class_names)} classes, the classifier has {num_classes}")
   from prism_jax.io import teacher_store  # Lead-owned writer of teacher directories.
 
   teacher_store.save_teacher(
       out_dir, name=arch, variables=variables,
       model_config=dict(name=arch, num_classes=num_classes, stem="imagenet", width=1.0),
-      class_names=tuple(str(i) for i in range(num_classes)), dataset="imagenet2012",
+      class_names=tuple(class_names), dataset="imagenet2012" if num_classes == 1000 else "custom",
       test_accuracy=None)
   return variables
 
@@ -61,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="teacher directory to write")
   parser.add_argument("--num-classes", type=int, default=None,
                       help="expected class count (default: rows of the final classifier)")
+  parser.add_argument("--class-names", default="",
+                      help="file with one class name per line (default: ImageNet-1K synset ids for 1000 "
+                           "classes, else 0..N-1); must match the data's class order")
   args = parser.parse_args(argv)
   try:
-    import_teacher(args.arch, args.pth, args.out, args.num_classes)
+    names = read_class_names(args.class_names) if args.class_names else None
+    import_teacher(args.arch, args.pth, args.out, args.num_classes, names)
   except ValueError as err:
     print(f"import_torchvision: {args.pth}: {err}", file=sys.stderr)
     return 1
