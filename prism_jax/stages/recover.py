@@ -65,7 +65,7 @@ def selection_spec(rc) -> selection.SelectionSpec:
 
 
 def jitter_pixels(rc, image_size: int) -> int:
-  return rc.jitter if rc.jitter >= 0 else max(1, round(32 * image_size / 224))
+  return rc.jitter if rc.jitter >= 0 else max(1, (32 * image_size) // 224)  # 32 at 224 px, 4 at 32 px
 
 
 def fingerprint(config, dataset) -> dict:
