@@ -137,7 +137,8 @@ def relabel_set(config, workdir: str, dataset, image_set, mesh) -> dict:
         f"({rl.aggregation}); about {size / 2**20:.1f} MiB of soft labels -> {out_dir}", flush=True)
 
   step = jax.jit(functools.partial(labeler.label_batch, models=models, spec=spec, mean=dataset.mean,
-                                   std=dataset.std, aggregation=rl.aggregation, mesh=mesh))
+                                   std=dataset.std, aggregation=rl.aggregation, mesh=mesh),
+                 out_shardings=mesh_lib.replicated(mesh))  # every process reads the whole batch's labels
   teacher_vars = mesh_lib.replicate(teacher_vars, mesh)
   images = mesh_lib.replicate(jnp.asarray(image_set.images), mesh)
   hard = image_set.labels

@@ -213,7 +213,7 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
       images, hard = images_host[indices], hard_host[indices]
     else:
       images, params, hard, logits = stored_batch(labels.epoch(epoch), b, images_host, hard_host)
-    put = lambda a: None if a is None else jax.device_put(a, replicated)
+    put = lambda a: None if a is None else mesh_lib.replicate(a, train_mesh)  # no cross-process check
     return put(images), jax.tree_util.tree_map(put, params), put(hard), put(logits), teacher_vars
 
   eval_step = jax.jit(functools.partial(steps.classification_eval_step, mean=dataset.mean, std=dataset.std),
