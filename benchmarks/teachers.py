@@ -8,6 +8,8 @@ prints images/s for JAX and PyTorch and their ratio (JAX / PyTorch, > 1 means JA
 The PyTorch 'small' variants patch torchvision's modules the same way our small stems differ
 (stride-1 first conv, no early down-sampling). Runs on whatever device both frameworks see first
 (GPU if available). Timing: median over `--repeats` calls after one warm-up (compile) call.
+PyTorch gets one thread per usable CPU; on a shared machine, `taskset -c N python ...` pins both
+frameworks to the given cores (other load distorts PyTorch's multi-threaded timings much more).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prism_jax import models  # noqa: E402
+
+
+def _usable_cpus() -> int:
+  """CPUs this process may run on (respects `taskset`, as XLA's thread pool does)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -109,7 +119,7 @@ def main() -> int:
 
   if not args.no_torch:
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_usable_cpus())
   rows = []
   header = f"{'model':20s} {'px':>4s} | {'jax fwd':>9s} {'torch fwd':>9s} {'ratio':>6s} | " \
            f"{'jax f+b':>9s} {'torch f+b':>9s} {'ratio':>6s}   (images/s)"
@@ -129,7 +139,7 @@ def main() -> int:
       print(f"{name:20s} {size:4d} | {jax_fwd:9.1f} {torch_fwd:9.1f} {row['forward_ratio']:6.2f} | "
             f"{jax_bwd:9.1f} {torch_bwd:9.1f} {row['forward_backward_ratio']:6.2f}", flush=True)
   meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, batch=args.batch,
-              repeats=args.repeats, host=platform.node())
+              repeats=args.repeats, host=platform.node(), cpus=_usable_cpus())
   with open(args.out, "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   print(f"wrote {args.out}")

@@ -55,8 +55,9 @@ class Conv(nn.Module):
   XLA:CPU lowers some convolutions far slower than PyTorch (forward and input gradient; see
   benchmarks/teachers.py): grouped/depthwise convs by 10-100x, 1x1 convs by ~4x. With
   impl='auto' on CPU, depthwise convs are computed as a sum of k*k strided, shifted slices times
-  per-channel weights, and stride-1 1x1 convs as a matrix product; elsewhere (GPU/TPU) and for all
-  other convs, lax.conv_general_dilated. The results agree to float rounding.
+  per-channel weights (with a fusion boundary after it, see `_depthwise_by_shifts`), and stride-1
+  1x1 convs as a matrix product; elsewhere (GPU/TPU) and for all other convs,
+  lax.conv_general_dilated. The results agree to float rounding.
   """
   features: int
   kernel_size: int
@@ -76,7 +77,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_init, (k, k, in_channels // groups, self.features),
                         jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    direct = self.impl == "direct" or (self.impl == "auto" and jax.default_backend() == "cpu")
+    direct = _use_cpu_forms(self.impl)
     depthwise = groups > 1 and groups == in_channels == self.features
     if direct and depthwise:
       y = _depthwise_by_shifts(x, kernel, s, p)
@@ -92,7 +93,21 @@ class Conv(nn.Module):
     return y
 
 
+def _use_cpu_forms(impl: str) -> bool:
+  """Whether `Conv` uses its CPU forms: impl='direct', or impl='auto' when tracing for CPU."""
+  if impl not in ("auto", "lax", "direct"):
+    raise ValueError(f"conv impl must be 'auto', 'lax' or 'direct', got {impl!r}")
+  return impl == "direct" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
 def _depthwise_by_shifts(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Depthwise conv (torch padding `pad` on each side, floor output size) as k*k shifted slices.
+
+  out[n, y, x, c] = sum_ij padded[n, y * stride + i, x * stride + j, c] * kernel[i, j, 0, c].
+  Autodiff gives the input gradient as k*k zero-padded (for stride > 1 also dilated) copies of
+  the output cotangent times the weights, which XLA fuses into one loop. On CPU the result goes
+  through `_fusion_boundary`.
+  """
   n, h, w, c = x.shape
   k = kernel.shape[0]
   out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
@@ -104,7 +119,32 @@ def _depthwise_by_shifts(x: jax.Array, kernel: jax.Array, stride: int, pad: int)
       window = jax.lax.slice(padded, (0, i, j, 0), end, (1, stride, stride, 1))
       term = window * kernel[i, j, 0]
       out = term if out is None else out + term
-  return out
+  if jax.default_backend() != "cpu":  # impl='direct' elsewhere: a conditional may sync the host
+    return out
+  return _fusion_boundary(out, kernel[0, 0, 0, 0])
+
+
+def _fusion_boundary(y: jax.Array, probe: jax.Array) -> jax.Array:
+  """Returns `y` unchanged, but as the output of a conditional, which XLA cannot fuse through.
+
+  Why: XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them. The input
+  gradient of `_depthwise_by_shifts` reads the incoming cotangent at k*k shifted positions, and
+  that cotangent usually depends elementwise on this conv's own output (BN then ReLU6's mask, or
+  any activation's derivative). Without a boundary XLA recomputes the whole k*k-tap forward sum
+  (plus BN and the activation derivative) for each of the k*k reads: k^4 multiply-adds per
+  gradient element instead of k^2. That made a depthwise -> BN -> ReLU6 -> 1x1 input gradient
+  10-25x slower and MobileNetV2's forward+backward ~4x slower than PyTorch's on CPU. With the
+  conditional, the conv output is written once in the forward pass, and the transposed
+  conditional writes the cotangent once in the backward pass. (lax.optimization_barrier does not
+  help: XLA:CPU removes it before fusion.)
+  The predicate is true unless `probe` (a kernel entry) is NaN, in which case the other branch
+  returns y + 0, the same values. It comes from the kernel, not the activations, so under vmap
+  over images (or batch sharding) it stays an unbatched scalar and the cond stays a cond. The
+  other branch is not a plain pass-through so that `lax.cond` does not prune the conditional.
+  If the kernel is a compile-time constant (variables closed over by the jitted function rather
+  than passed to it), XLA folds the predicate and the boundary is gone: same values, old speed.
+  """
+  return jax.lax.cond(probe == probe, lambda a: a, lambda a: a + jnp.zeros((), a.dtype), y)
 
 
 class BatchNorm(nn.Module):
