@@ -36,7 +36,7 @@ BUDGETS = {
     # squeeze: teacher width, images per class, epochs; recover: T (PRISM varies it by 1/8 steps);
     # train: student width, epochs, evaluation interval, seeds.
     "small": dict(teacher_width=0.25, max_per_class=1000, teacher_epochs=2, iterations=120, iteration_step=10,
-                  student_width=0.5, student_epochs=100, eval_every=50, seeds=(0, 1)),
+                  student_width=0.25, student_epochs=100, eval_every=50, seeds=(0, 1)),
     "smoke": dict(teacher_width=0.125, max_per_class=50, teacher_epochs=1, iterations=8, iteration_step=1,
                   student_width=0.125, student_epochs=2, eval_every=1, seeds=(0,)),  # checks the wiring only
     "large": dict(teacher_width=1.0, max_per_class=0, teacher_epochs=60, iterations=1000, iteration_step=125,
