@@ -41,6 +41,9 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+ZOO = tuple(_FACTORIES)  # the built-in architectures (registered models come on top)
+
+
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
   """Adds a model to the registry (custom teachers/students; tests register tiny ones).
 
