@@ -75,3 +75,16 @@ def eval_batches(dataset, split: str, global_batch: int, mesh: Mesh) -> Iterator
     yield (mesh_lib.put_global_batch(images, global_batch, mesh),
            mesh_lib.put_global_batch(labels[idx].astype(np.int32), global_batch, mesh),
            mesh_lib.put_global_batch(mask[rows], global_batch, mesh))
+
+
+def evaluate_split(eval_step, state, dataset, split: str, global_batch: int, mesh: Mesh) -> dict:
+  """Top-1 (top-5 above 10 classes) and mean loss of `eval_step` over a whole split."""
+  totals = None
+  for batch in eval_batches(dataset, split, global_batch, mesh):
+    out = eval_step(state, *batch)
+    totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
+  totals = jax.device_get(totals)
+  result = {"top1": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+  if dataset.num_classes > 10:
+    result["top5"] = totals["correct_top5"] / totals["count"]
+  return result

@@ -13,7 +13,6 @@ import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -112,15 +111,7 @@ def squeeze_teacher(config, name: str, dataset, workdir: str, mesh) -> float:
                       in_shardings=(replicated, data, data, data), out_shardings=replicated)
 
   def evaluate(train_state):
-    totals = None
-    for batch in pipeline.eval_batches(dataset, "test", sq.eval_batch_size, mesh):
-      out = eval_step(train_state, *batch)
-      totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    result = {"top1": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
-    if dataset.num_classes > 10:
-      result["top5"] = totals["correct_top5"] / totals["count"]
-    return result
+    return pipeline.evaluate_split(eval_step, train_state, dataset, "test", sq.eval_batch_size, mesh)
 
   writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", f"squeeze_{name}"))
   settings = loop.LoopSettings(

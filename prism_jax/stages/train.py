@@ -222,15 +222,8 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
   eval_batch = _eval_batch_size(tr.eval_batch_size, train_mesh)
 
   def evaluate(train_state):
-    totals = None
-    for batch in pipeline.eval_batches(dataset, "test", eval_batch, train_mesh):
-      out = eval_step(student.with_ema_params(train_state), *batch)
-      totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    result = {"top1": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
-    if dataset.num_classes > 10:
-      result["top5"] = totals["correct_top5"] / totals["count"]
-    return result
+    return pipeline.evaluate_split(eval_step, student.with_ema_params(train_state), dataset, "test",
+                                   eval_batch, train_mesh)
 
   writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", f"train_{image_set.name}_seed{seed}"))
   settings = loop.LoopSettings(
