@@ -214,7 +214,8 @@ def test_cli_recover_resumes_after_kill(assets, tmp_path):
   wave_dir = os.path.join(workdir, "recover", "waves")
   deadline = time.time() + 240
   while time.time() < deadline:
-    names = os.listdir(wave_dir) if os.path.isdir(wave_dir) else []
+    # Finished files only: atomic writes go through hidden temporary files (".wave...tmp").
+    names = [n for n in os.listdir(wave_dir) if not n.startswith(".")] if os.path.isdir(wave_dir) else []
     if any(n.startswith("wave00000.") and "partial" not in n for n in names) and any("partial" in n for n in names):
       break
     time.sleep(0.02)
