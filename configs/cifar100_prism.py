@@ -38,10 +38,4 @@ def get_config(arg: str | None = None):
   config = presets.small_prism_config(ipc)
   config.data = common.data_config(source="tfds", name="cifar100")  # name: TFDS dataset and CIFAR mean/std
   config.data.tfds_data_dir = "tfds"  # relative to the repository root, as in the `tfds build` line above
-  rc = config.recover
-  rc.rrc_scale = (1.0, 1.0)    # no random-resized crop (the whole image), as SRe2L's CIFAR recovery
-  rc.flip = False              # SRe2L's CIFAR recovery: roll only
-  rc.jitter = 4                # roll 0-4 px at 32 px (32 px at 224)
-  rc.iterations = 1000         # T(i) = 1000 - 125 (i mod 8): 1000, 875, ..., 125
-  rc.iteration_step = 125
-  return config
+  return presets.cifar_recovery(config)

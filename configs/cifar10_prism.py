@@ -40,10 +40,4 @@ def get_config(arg: str | None = None):
   ipc = int(presets.choose(arg, ARGS, "configs/cifar10_prism.py")[len("ipc"):])
   config = presets.small_prism_config(ipc)
   config.data = common.data_config(source="arrays", name="cifar10", path="data/cifar10")  # name: CIFAR mean/std
-  rc = config.recover
-  rc.rrc_scale = (1.0, 1.0)    # no random-resized crop (the whole image), as SRe2L's CIFAR recovery
-  rc.flip = False              # SRe2L's CIFAR recovery: roll only
-  rc.jitter = 4                # roll 0-4 px at 32 px (32 px at 224)
-  rc.iterations = 1000         # T(i) = 1000 - 125 (i mod 8): 1000, 875, ..., 125
-  rc.iteration_step = 125
-  return config
+  return presets.cifar_recovery(config)

@@ -90,3 +90,14 @@ def small_prism_config(ipc: int) -> ml_collections.ConfigDict:
   common.set_protocol(config, "prism")
   config.train.stem = "small"
   return config
+
+
+def cifar_recovery(config):
+  """SRe2L's CIFAR recovery augmentation with PRISM's varying T, shared by CIFAR-10 and CIFAR-100."""
+  rc = config.recover
+  rc.rrc_scale = (1.0, 1.0)    # no random-resized crop (the whole image), as SRe2L's CIFAR recovery
+  rc.flip = False              # SRe2L's CIFAR recovery: roll only
+  rc.jitter = 4                # roll 0-4 px at 32 px (32 px at 224)
+  rc.iterations = 1000         # T(i) = 1000 - 125 (i mod 8): 1000, 875, ..., 125
+  rc.iteration_step = 125
+  return config
