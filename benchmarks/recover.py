@@ -6,15 +6,19 @@
 Parts:
   throughput  recovered image-iterations per second of the wave program (steady state, compile
               excluded) for SRe2L-like (1 teacher) and PRISM (ResNet-18 + 0..3 extra BN teachers),
-              at 32 px (small-stem teachers) and at 224 px (imagenet stem, small batch).
+              at 32 px (small-stem teachers) and at 224 px (imagenet stem, small batch), for each
+              teacher gating (CPU: host-driven 'static' and device-loop 'cond').
   memory      peak temporary memory from XLA's compiled memory analysis (compile only, nothing
-              runs) for K = 1..4 BN teachers (ResNet-18 + MobileNetV2 + EfficientNet-B0 +
-              ShuffleNetV2-0.5) at 224 px with 100 images per recovery batch, with teachers run one
-              at a time (the default) and all at once (`sequential_teachers=False`).
+              runs) of the device-loop program (`teacher_gating='cond'`, the accelerator path)
+              for K = 1..4 BN teachers (ResNet-18 + MobileNetV2 + EfficientNet-B0 +
+              ShuffleNetV2-0.5) at 224 px with 100 images per recovery batch: teachers one at a
+              time with remat and EfficientNet-B0 in 2 pieces (the ImageNet preset), without the
+              pieces, without remat, and all teachers at once (`sequential_teachers=False`).
   flops       FLOPs per iteration from XLA's cost analysis: PRISM's shared ResNet-18 (logits + BN
               from one forward) against the same objective with the logit and BN terms computed by
               two separate ResNet-18 forwards.
-  schedule    useful-work fraction of the wave scheduler for PRISM (bernoulli, pre, per-IPC draws).
+  schedule    useful-work fraction and device occupancy of the wave scheduler for PRISM
+              (bernoulli, pre, per-IPC draws) on 1 and 8 devices, 1 and 4 vmapped units per device.
 Teachers have random weights: speed and memory do not depend on the values.
 """
 
@@ -66,42 +70,68 @@ def wave_inputs(width, classes, size, iterations, teacher_names, ce_names, bn_na
 
 
 def lower(teachers, names, size, classes, iterations, ce_names, bn_names, sequential=True, width=1,
-          remat=True):
+          remat=True, pieces=()):
   state, args = wave_inputs(width, classes, size, iterations, names, ce_names, bn_names)
   cfg = engine.StepConfig(tuple(names), size, (-2.2,) * 3, (2.7,) * 3, 0.05, 10.0,
-                          max(1, round(32 * size / 224)), sequential_teachers=sequential, remat=remat)
+                          max(1, round(32 * size / 224)), sequential_teachers=sequential, remat=remat,
+                          teacher_pieces=tuple(pieces))
   mesh = mesh_lib.make_mesh(1)
-  fn = jax.jit(functools.partial(engine.run_iterations, mesh=mesh), static_argnames=("models", "cfg"),
-               donate_argnums=(0,))
+  # Inputs placed as the stage places them, so the first call compiles the program for good.
+  put = lambda x: jax.device_put(x, mesh_lib.data_sharding(mesh))
+  state = {k: put(x) for k, x in state.items()}
+  args = tuple(put(x) for x in args)
+  fn = jax.jit(functools.partial(engine.run_iterations, mesh=mesh),
+               static_argnames=("models", "cfg", "active"), donate_argnums=(0,))
   m = tuple(t[0] for t in teachers)
-  v = tuple(t[1] for t in teachers)
+  v = mesh_lib.replicate(tuple(t[1] for t in teachers), mesh)
   return fn, state, args, v, m, cfg
+
+
+def run_steps(fn, state, fargs, v, m, cfg, start, stop, gating):
+  """Iterations [start, stop) as the recover stage runs them with this teacher gating."""
+  if gating == "cond":
+    return fn(state, *fargs, v, np.int32(start), np.int32(stop), models=m, cfg=cfg)
+  active = tuple(range(len(m)))
+  for t in range(start, stop):
+    state = fn(state, *fargs, v, np.int32(t), np.int32(t + 1), models=m, cfg=cfg, active=active)
+  return state
 
 
 def part_throughput(args):
   rows = []
+  gatings = args.gatings.split(",") if args.gatings else (
+      ["static", "cond"] if jax.default_backend() == "cpu" else ["cond"])
   for size, stem, width, classes, iters in ((32, "small", args.width32, 10, args.iters32),
                                             (224, "imagenet", 1.0, args.batch224, args.iters224)):
     for k_extra in range(0, 4):
       names = ("resnet18",) + EXTRAS[:k_extra]
       teachers = build_teachers(names, stem, width, size, 10 if size == 32 else 1000)
-      fn, state, fargs, v, m, cfg = lower(teachers, names, size, classes, iters + 1, {0},
-                                          set(range(len(names))))
-      t0 = time.perf_counter()
-      state = fn(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg)
-      jax.block_until_ready(state)
-      compile_s = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      state = fn(state, *fargs, v, np.int32(1), np.int32(iters + 1), models=m, cfg=cfg)
-      jax.block_until_ready(state)
-      secs = time.perf_counter() - t0
-      label = "SRe2L-like (1 teacher)" if k_extra == 0 else f"PRISM R18 + {k_extra} extra"
-      rows.append({"setting": label, "px": size, "stem": stem, "width": width, "images": classes,
-                   "teachers": list(names), "iterations": iters, "seconds": secs,
-                   "image_iterations_per_s": classes * iters / secs, "compile_s": compile_s})
-      print(f"  {label:24} {size:4d}px w{width:<5g} {classes:3d} img  "
-            f"{classes * iters / secs:9.1f} img-it/s  (compile {compile_s:.1f}s)", flush=True)
+      for gating in gatings:
+        fn, state, fargs, v, m, cfg = lower(teachers, names, size, classes, iters + 1, {0},
+                                            set(range(len(names))))
+        t0 = time.perf_counter()
+        state = run_steps(fn, state, fargs, v, m, cfg, 0, 1, gating)
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state = run_steps(fn, state, fargs, v, m, cfg, 1, iters + 1, gating)
+        jax.block_until_ready(state)
+        secs = time.perf_counter() - t0
+        label = "SRe2L-like (1 teacher)" if k_extra == 0 else f"PRISM R18 + {k_extra} extra"
+        rows.append({"setting": label, "px": size, "stem": stem, "width": width, "images": classes,
+                     "teachers": list(names), "gating": gating, "iterations": iters, "seconds": secs,
+                     "image_iterations_per_s": classes * iters / secs, "compile_s": compile_s})
+        print(f"  {label:24} {size:4d}px w{width:<5g} {classes:3d} img  {gating:6} "
+              f"{classes * iters / secs:9.1f} img-it/s  (compile {compile_s:.1f}s)", flush=True)
   return rows
+
+
+MEMORY_VARIANTS = (  # (label, sequential_teachers, remat, EfficientNet-B0 pieces)
+    ("sequential + remat + EfficientNet in 2 pieces (ImageNet preset)", True, True, 2),
+    ("sequential + remat", True, True, 1),
+    ("sequential, no remat", True, False, 1),
+    ("all teachers at once (naive)", False, False, 1),
+)
 
 
 def part_memory(args):
@@ -109,23 +139,26 @@ def part_memory(args):
   size, classes = args.mem_size, args.mem_batch
   names_all = ("resnet18",) + EXTRAS
   teachers_all = build_teachers(names_all, "imagenet", 1.0, size, 1000)
-  for sequential, remat in ((True, True), (True, False), (False, False)):
+  chosen = [int(i) for i in args.mem_variants.split(",")] if args.mem_variants else range(len(MEMORY_VARIANTS))
+  for label, sequential, remat, effnet_pieces in (MEMORY_VARIANTS[i] for i in chosen):
     for k in range(1, 5):
       names = names_all[:k]
+      pieces = tuple(effnet_pieces if n == "efficientnet_b0" else 1 for n in names)
       fn, state, fargs, v, m, cfg = lower(teachers_all[:k], names, size, classes, 2, {0},
-                                          set(range(k)), sequential=sequential, remat=remat)
+                                          set(range(k)), sequential=sequential, remat=remat,
+                                          pieces=pieces)
       t0 = time.perf_counter()
       compiled = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg).compile()
       mem = compiled.memory_analysis()
       temp = mem.temp_size_in_bytes
-      rows.append({"K": k, "teachers": list(names), "sequential_teachers": sequential, "remat": remat,
-                   "temp_bytes": temp, "argument_bytes": mem.argument_size_in_bytes,
+      rows.append({"variant": label, "K": k, "teachers": list(names), "sequential_teachers": sequential,
+                   "remat": remat, "efficientnet_pieces": effnet_pieces, "temp_bytes": temp,
+                   "argument_bytes": mem.argument_size_in_bytes,
                    "output_bytes": mem.output_size_in_bytes, "compile_s": time.perf_counter() - t0})
-      print(f"  K={k} sequential={sequential!s:5} remat={remat!s:5} temp {temp / 2**30:7.2f} GiB  args "
+      print(f"  {label[:44]:44} K={k} temp {temp / 2**30:7.2f} GiB  args "
             f"{mem.argument_size_in_bytes / 2**30:6.2f} GiB", flush=True)
   for row in rows:
-    base = next(r for r in rows if r["K"] == 1 and r["sequential_teachers"] == row["sequential_teachers"]
-                and r["remat"] == row["remat"])
+    base = next(r for r in rows if r["K"] == 1 and r["variant"] == row["variant"])
     row["ratio_to_K1"] = row["temp_bytes"] / base["temp_bytes"]
   return rows
 
@@ -138,10 +171,14 @@ def part_flops(args):
                                ("separate logit + BN forwards", ("resnet18", "resnet18"), {0}, {1}),
                                ("logits only (CE)", ("resnet18",), {0}, set())):
     fn, state, fargs, v, m, cfg = lower(teachers * len(names), names, size, args.flops_batch, 2, ce, bn)
-    cost = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg).compile().cost_analysis()
+    # One iteration with a static teacher set: no loop or conditional for the cost model to guess.
+    lowered = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg,
+                       active=tuple(range(len(names))))
+    cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[label] = float(cost.get("flops", float("nan")))
-    print(f"  {label:30} {out[label] / 1e9:9.2f} GFLOP per iteration", flush=True)
+    print(f"  {label:30} {out[label] / 1e9:9.2f} GFLOP per iteration ({args.flops_batch} images)",
+          flush=True)
   return out
 
 
@@ -151,16 +188,17 @@ def part_schedule(args):
                                                           "shufflenet_v2_x0_5", "alexnet"))
   for dataset, classes, per_batch, ipc in (("ImageNet-1K", 1000, 100, 10), ("ImageNet-1K", 1000, 100, 50),
                                            ("CIFAR-10", 10, 10, 10), ("CIFAR-10", 10, 10, 50)):
-    for devices in (1, 8):
-      units = schedule.make_units(classes, ipc, per_batch,
-                                  lambda i, c: selection.pre_selection(spec, 0, i, c, "ipc"),
-                                  lambda i: schedule.iterations_for(i, 4000, 500, 8))
-      waves = schedule.plan_waves(units, devices)
-      work = schedule.useful_work(waves)
-      rows.append({"dataset": dataset, "ipc": ipc, "devices": devices, "units": len(units),
-                   "waves": len(waves), **work})
-      print(f"  {dataset:12} IPC {ipc:3d} {devices} device(s): {len(units):4d} batches in "
-            f"{len(waves):4d} waves, useful-work fraction {work['useful_fraction']:.3f}", flush=True)
+    units = schedule.make_units(classes, ipc, per_batch,
+                                lambda i, c: selection.pre_selection(spec, 0, i, c, "ipc"),
+                                lambda i: schedule.iterations_for(i, 4000, 500, 8))
+    for devices, per_device in ((1, 1), (8, 1), (8, 4)):
+      waves = schedule.plan_waves(units, devices * per_device, rows_per_device=per_device)
+      work = schedule.useful_work(waves, devices)
+      rows.append({"dataset": dataset, "ipc": ipc, "devices": devices, "units_per_device": per_device,
+                   "units": len(units), "waves": len(waves), **work})
+      print(f"  {dataset:12} IPC {ipc:3d} {devices} device(s) x {per_device} unit(s): {len(units):5d} "
+            f"batches in {len(waves):4d} waves, useful-work fraction {work['useful_fraction']:.3f}, "
+            f"device occupancy {work['device_occupancy']:.3f}", flush=True)
   return rows
 
 
@@ -171,6 +209,10 @@ def main():
   parser.add_argument("--iters32", type=int, default=20)
   parser.add_argument("--batch224", type=int, default=4, help="images per batch at 224 px")
   parser.add_argument("--iters224", type=int, default=3)
+  parser.add_argument("--gatings", default="", help="teacher gatings to time, e.g. 'static,cond' "
+                      "(default: both on CPU, cond elsewhere)")
+  parser.add_argument("--mem-variants", default="",
+                      help="indices into MEMORY_VARIANTS to compile (default: all)")
   parser.add_argument("--mem-batch", type=int, default=100)
   parser.add_argument("--mem-size", type=int, default=224)
   parser.add_argument("--flops-size", type=int, default=224)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from prism_jax.recover import selection
 
 # The zoo models PRISM uses: logit teacher + BN pool (recover) and the 4-teacher relabel ensemble.
 PRISM_TEACHERS = ("resnet18",) + common.PRISM_POOL
@@ -68,6 +69,13 @@ def imagenet_config(*, ipc: int, student: str = "resnet18", method: str = "prism
   rc.ipc = ipc
   rc.classes_per_batch = 100   # the official cross-class recovery batch: 100 classes x 1 image
   rc.teachers_dir = IMAGENET_TEACHERS_DIR
+  spec = selection.SelectionSpec(rc.logit_teacher, rc.bn_primary or rc.logit_teacher, tuple(rc.bn_pool),
+                                 rc.distribution, fixed_teachers=tuple(rc.fixed_teachers),
+                                 logit_pool=tuple(rc.logit_pool))
+  if "efficientnet_b0" in spec.all_logit_teachers() + spec.all_bn_teachers():
+    # At 224 px EfficientNet-B0's backward pass needs ~1.7x ResNet-18's activation memory; in two
+    # pieces (exact same gradient, one extra forward) it stays within the logit teacher's.
+    rc.teacher_pieces = "efficientnet_b0=2"
   config.relabel.teachers_dir = IMAGENET_TEACHERS_DIR
   tr = config.train
   tr.student = student

@@ -61,7 +61,7 @@ SHRUNK_FIELDS = {
     "squeeze.eval_every_epochs", "squeeze.log_every_steps", "squeeze.checkpoint_every_steps",
     "recover.ipc", "recover.classes_per_batch", "recover.iterations", "recover.iteration_step",
     "recover.iterations_per_call", "recover.teachers_dir", "recover.logit_teacher", "recover.bn_primary",
-    "recover.bn_pool", "recover.fixed_teachers", "recover.logit_pool",
+    "recover.bn_pool", "recover.fixed_teachers", "recover.logit_pool", "recover.teacher_pieces",
     "relabel.teachers", "relabel.teachers_dir",
     "train.student", "train.epochs", "train.batch_size", "train.eval_every_epochs", "train.eval_batch_size",
     "train.log_every_steps", "train.checkpoint_every_steps",
@@ -291,6 +291,8 @@ def shrink(config, assets):
   rc.logit_teacher, rc.bn_primary = _tiny(rc.logit_teacher), _tiny(rc.bn_primary)
   for field in ("bn_pool", "fixed_teachers", "logit_pool"):
     rc[field] = tuple(_tiny(t) for t in rc[field])
+  rc.teacher_pieces = ",".join(f"{_tiny(n)}={k}" for n, _, k in
+                               (item.partition("=") for item in rc.teacher_pieces.split(",") if item))
   rl = c.relabel
   rl.teachers = tuple(_tiny(t) for t in rl.teachers)
   if imported:

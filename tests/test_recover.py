@@ -52,7 +52,9 @@ def make_config(assets, **recover_overrides):
 @pytest.fixture(scope="module")
 def eight_device_run(assets, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("recover8"))
-  meta = recover.run(make_config(assets), workdir, mesh_lib.make_mesh(8))
+  # The accelerator path (device loop, per-teacher conditionals); the 1-device run below takes
+  # the CPU default (host-driven iterations, static teacher sets) and must give the same images.
+  meta = recover.run(make_config(assets, teacher_gating="cond"), workdir, mesh_lib.make_mesh(8))
   return workdir, meta
 
 
@@ -84,9 +86,12 @@ def test_outputs_images_folder_array_file_and_manifest(eight_device_run):
   assert json.load(open(os.path.join(out, "recover.json")))["num_images"] == 12
 
 
-def test_same_images_on_one_and_eight_devices(assets, eight_device_run, tmp_path):
+def test_same_images_on_one_and_eight_devices_and_with_either_gating(assets, eight_device_run, tmp_path):
   workdir8, _ = eight_device_run
-  recover.run(make_config(assets), str(tmp_path), mesh_lib.make_mesh(1))
+  # Also: tiny_b's gradient taken in 2 pieces of the 2-image batches (exact, so the same images).
+  meta = recover.run(make_config(assets, teacher_pieces="tiny_b=2"), str(tmp_path), mesh_lib.make_mesh(1))
+  assert recover.teacher_gating(make_config(assets).recover) == "static"  # the CPU default
+  assert meta["useful_work"]["useful_fraction"] == 1.0  # one unit per wave: nothing unneeded
   got, want = recover.load_wave_images(str(tmp_path)), recover.load_wave_images(workdir8)
   assert sorted(got) == sorted(want) == [(i, c) for i in range(3) for c in range(2)]
   for key in want:
@@ -157,6 +162,9 @@ def test_teacher_weights_follow_k_averaging(assets):
     (dict(distribution="single", logit_teacher="tiny_nobn", bn_pool=("tiny_b",)), ValueError, "has no BatchNorm layer"),
     (dict(distribution="bernoulli", k_max=4), ValueError, r"recover.k_max=4 needs 3 extra BN teachers"),
     (dict(ipc=4), ValueError, r"recover.ipc=4 .* class 0 \('ant'\) has only 3"),
+    (dict(teacher_pieces="tiny_c=2"), ValueError, r"'tiny_c' is not a teacher of this recovery"),
+    (dict(teacher_pieces="tiny_b=0"), ValueError, r"expected 'name=n' items with n >= 1"),
+    (dict(teacher_gating="loop"), ValueError, r"recover.teacher_gating='loop'"),
 ])
 def test_bad_recover_configs(assets, tmp_path, overrides, error, pattern):
   with pytest.raises(error, match=pattern):

@@ -117,3 +117,63 @@ def test_adam_update_matches_torch_and_clips():
   low, _, _ = engine.adam_update(x, m, v, 1e6 * jnp.ones_like(x), jnp.int32(0), jnp.int32(10),
                                  engine.StepConfig(("a",), 2, (-0.3, -0.4, -0.5), (0.6, 0.7, 0.8), 100.0, 10.0, 0))
   np.testing.assert_allclose(np.asarray(low)[..., 1], -0.4)
+
+
+def _cfg(**kw):
+  return engine.StepConfig(("tiny",), 5, (-3.0,) * 3, (3.0,) * 3, 0.05, 10.0, 1, **kw)
+
+
+@pytest.mark.parametrize("remat", [True, False])
+def test_teacher_gradient_in_pieces_is_the_whole_batch_gradient(remat):
+  model, variables, x = _setup(seed=2)
+  x = jnp.concatenate([x, x[:1] * 0.5])  # 7 rows: pieces of 2, 2, 3
+  labels = jnp.arange(7) % 5
+  cfg = _cfg(remat=remat)
+  want = jax.jit(lambda x: engine.teacher_loss_grad(x, labels, 1.0, 0.3, model, variables, cfg))(x)
+  # Independent check of the one-piece path: autodiff of the objective as written in SPEC 4.1.
+  def loss(x):
+    out = bn_stats.forward_with_bn_stats(model, variables, x)
+    return (objective.cross_entropy(out.logits, labels) +
+            0.3 * objective.bn_matching_loss(out.bn, 10.0))
+  np.testing.assert_allclose(want[0], jax.jit(jax.grad(loss))(x), rtol=1e-5, atol=1e-6)
+  for pieces in ((3,) if remat else (2, 7)):
+    got = jax.jit(lambda x: engine.teacher_loss_grad(x, labels, 1.0, 0.3, model, variables, cfg,
+                                                     pieces=pieces))(x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4)
+  assert float(jnp.abs(want[0]).max()) > 1e-4  # the gradient is not trivially zero
+
+
+def test_group_gradient_gives_each_unit_only_its_teachers():
+  model_a, vars_a, x = _setup(seed=3)
+  _, vars_b, _ = _setup(seed=4)
+  cfg = engine.StepConfig(("a", "b"), 5, (-3.0,) * 3, (3.0,) * 3, 0.05, 10.0, 1)
+  images = jnp.stack([x, x * 0.7, x + 0.1])                   # 3 units of 6 images
+  labels = jnp.tile(jnp.arange(6)[None] % 5, (3, 1))
+  keys = jax.random.split(jax.random.key(0), 3)
+  ce = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])        # unit 2 is frozen
+  bn = jnp.asarray([[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]])
+  run = jax.jit(lambda images, labels, keys, ce, bn, tvars: engine.group_loss_grad(
+      images, labels, keys, ce, bn, tuple((model_a, v) for v in tvars), cfg))
+  grad, ce_total, bn_total = run(images, labels, keys, ce, bn, (vars_a, vars_b))
+  for u in range(2):  # each unit alone equals its row of the group
+    g1, c1, b1 = run(images[u:u + 1], labels[u:u + 1], keys[u:u + 1], ce[u:u + 1], bn[u:u + 1],
+                     (vars_a, vars_b))
+    np.testing.assert_allclose(grad[u], g1[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ce_total[u], c1[0], rtol=1e-5)
+    np.testing.assert_allclose(bn_total[u], b1[0], rtol=1e-5)
+  # Unit 1 uses teacher b only: a teacher a that yields NaN changes nothing for it (no 0 * NaN).
+  broken_a = jax.tree_util.tree_map(lambda v: jnp.full_like(v, jnp.nan), vars_a)
+  g_nan, c_nan, b_nan = run(images, labels, keys, ce, bn, (broken_a, vars_b))
+  assert np.isnan(np.asarray(b_nan[0]))
+  np.testing.assert_array_equal(g_nan[1], grad[1])
+  np.testing.assert_array_equal(b_nan[1], bn_total[1])
+  np.testing.assert_array_equal(grad[2], 0.0)
+  assert float(ce_total[2]) == 0.0 and float(bn_total[2]) == 0.0
+
+
+def test_safe_norm_has_zero_gradient_at_zero_and_keeps_nan():
+  np.testing.assert_allclose(objective.safe_norm(jnp.asarray([3.0, 4.0])), 5.0)
+  np.testing.assert_array_equal(jax.grad(objective.safe_norm)(jnp.zeros(3)), 0.0)
+  assert np.isnan(objective.safe_norm(jnp.asarray([np.nan, 1.0])))  # the NaN check must see it

@@ -134,11 +134,24 @@ def test_useful_work_and_occupancy_by_hand():
   assert work["needed"] == 350 and work["useful_fraction"] == 1.0
   assert work["device_occupancy"] == pytest.approx(350 / (2 * 200 + 2 * 50))
   # Without per-teacher skipping every unit runs both teachers: 2 x (100 + 50 + 100) executed.
-  naive = schedule.useful_work(waves, num_devices=2, executed_cost=lambda x: 2.0 * x.iterations)
+  naive = schedule.useful_work(waves, num_devices=2,
+                               group_cost=lambda members, rows: 2.0 * rows * max(x.iterations for x in members))
   assert naive["executed"] == 500 and naive["useful_fraction"] == pytest.approx(350 / 500)
-  # Two units on one device run one after the other: its load is their sum.
+  # Two units on one device are vmapped: each teacher runs for both rows until its last user is
+  # done. Wave 1 = [unit 2 (a, b, 100), unit 0 (a, 100)]: 2 rows x (100 for a + 100 for b) = 400;
+  # wave 2 = [unit 1 (a, 50), padding]: 2 x 50 = 100.
   one = schedule.useful_work(waves, num_devices=1)
-  assert one["device_occupancy"] == 1.0
+  assert one["executed"] == 500 and one["useful_fraction"] == pytest.approx(350 / 500)
+  assert one["device_occupancy"] == pytest.approx(350 / 500)
+
+
+def test_scheduler_puts_units_with_the_same_teachers_on_one_device():
+  u = lambda i, t, teachers: schedule.Unit(i, 0, (0, 1), teachers[0], teachers, t)
+  units = [u(0, 100, ("a", "b")), u(1, 100, ("a", "c")), u(2, 100, ("a", "b")), u(3, 100, ("a", "c"))]
+  waves = schedule.plan_waves(units, width=4, rows_per_device=2)  # 2 devices x 2 rows
+  assert [x.ipc_index for x in waves[0].units] == [0, 2, 1, 3]
+  work = schedule.useful_work(waves, num_devices=2)
+  assert work["useful_fraction"] == 1.0 and work["executed"] == 2 * 2 * 200
 
 
 def test_method_presets_express_the_paper_rows():

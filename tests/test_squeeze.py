@@ -15,8 +15,8 @@ import pytest
 from cli_utils import REPO_ROOT, cli_command, cli_env, run_cli
 from prism_jax.io import artifacts, teacher_store
 
-# A short real training on digits: narrow ResNet-18, 2 epochs of 22 steps.
-TINY = ("--config.stage=squeeze", "--config.squeeze.width=0.125", "--config.squeeze.epochs=2",
+# A short real training on digits: one narrow ResNet-18, 2 epochs of 22 steps.
+TINY = ("--config.stage=squeeze", "--config.squeeze.teachers=('resnet18',)", "--config.squeeze.width=0.125", "--config.squeeze.epochs=2",
         "--config.squeeze.learning_rate=0.2", "--config.squeeze.eval_every_epochs=0",
         "--config.squeeze.checkpoint_every_steps=10",
         "--config.squeeze.log_every_steps=10", "--config.progress_interval_s=0")
@@ -58,6 +58,7 @@ def _tiny_config(**squeeze_overrides):
   from configs import quickstart
   config = quickstart.get_config()
   config.stage = "squeeze"
+  config.squeeze.teachers = ("resnet18",)
   config.squeeze.width, config.squeeze.epochs, config.squeeze.learning_rate = 0.125, 2, 0.2
   config.squeeze.eval_every_epochs, config.squeeze.checkpoint_every_steps = 0.0, 10
   for k, v in squeeze_overrides.items():

@@ -1,21 +1,36 @@
 """The recovery program: a wave of recovery batches ("units") optimized side by side (SPEC 4.3, 4.5).
 
 A wave holds W units stacked on a leading axis that is sharded over the mesh's data axis; teacher
-variables are replicated. The program is a `jax.shard_map`: every device runs its own units one
-after another (`lax.map`), each for its own number of iterations, so there is no cross-device
-communication and results do not depend on how units are laid out on devices.
+variables are replicated. The program is a `jax.shard_map` whose body is a `jax.vmap` over the
+device's own units (`units_per_device` of them), so there is no cross-device communication and a
+unit's images do not depend on how units are laid out on devices. Each unit keeps its own
+iteration count T_u: a unit past its T_u (or a padding unit, T_u = 0) is frozen.
 
-Per unit and iteration, each teacher sits behind a `lax.cond` on "does this unit use this teacher
-at this iteration": a teacher is never evaluated for a unit that does not use it (also when
-`strategy='intra'` re-draws teachers every iteration), padding units and finished units cost
-nothing, and units with different teacher sets can share a wave. The conds also bound memory: the
+Per iteration, each teacher sits behind a `lax.cond` on "does any unit on this device use this
+teacher at this iteration": a teacher is never evaluated on a device none of whose units uses it
+(also when `strategy='intra'` re-draws teachers every iteration), and the wave scheduler groups
+units with the same teachers and similar T on the same device so that what a device runs is what
+its units need (the useful-work fraction measures the rest). The conds also bound memory: the
 gradient of the sum over teachers is accumulated one teacher at a time (teacher k+1's branch takes
-teacher k's accumulated gradient as input), so only one teacher's activations are live at once.
-The augmentation's pullback is applied once to the summed gradient. `sequential_teachers=False`
+teacher k's accumulated gradient as input), so only one teacher's activations are live at once,
+and the logit teacher's logits and BN statistics come from one shared forward pass. The
+augmentation's pullback is applied once to the summed gradient. `sequential_teachers=False`
 switches to the naive form (one gradient of the summed loss, every teacher always evaluated),
 kept as the baseline for the memory benchmark. With `remat` (default) each teacher keeps only its
-top-level block outputs for the backward pass and recomputes the inside of a block when needed,
-so the live set is one block's activations plus the block boundaries.
+top-level block outputs for the backward pass and recomputes the inside of a block when needed.
+
+On CPU (`recover.teacher_gating='static'`, the default there) a program runs one iteration and
+evaluates a static set of teachers (those any unit of the wave uses at that iteration) with no
+loop and no conditional, because XLA:CPU runs convolutions nested in a loop or a conditional
+about 3.5x slower; the host drives the iterations and one program is compiled per distinct
+teacher set. Images are the same either way (a teacher a unit does not use contributes exactly 0).
+
+`teacher_pieces[k] = c > 1` splits a recovery batch into c pieces for teacher k and still takes
+the exact gradient of the whole-batch objective: a forward pass over the pieces sums each BN
+layer's moments (`bn_stats.forward_with_bn_moments`), the loss is differentiated w.r.t. those
+moments, and one vjp per piece pulls that back to the piece's images. Teacher k's live
+activations shrink c-fold for one extra forward pass; this is how a memory-hungry BN teacher
+(EfficientNet-B0 at 224 px) stays within the footprint of the logit teacher.
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
@@ -52,8 +69,10 @@ class StepConfig:
   l2_weight: float = 0.0
   sequential_teachers: bool = True   # per-teacher conds (skip unused, one teacher live at a time)
   remat: bool = True                 # keep only block outputs for the backward pass, recompute the rest
+  teacher_pieces: tuple[int, ...] = ()  # pieces per recovery batch for each teacher (default 1)
 
-
+  def pieces(self, k: int) -> int:
+    return self.teacher_pieces[k] if k < len(self.teacher_pieces) else 1
 
 
 BLOCK_OUTPUT = "teacher_block_output"
@@ -68,6 +87,12 @@ def _tag_block_outputs(next_fun, args, kwargs, context):
   return out
 
 
+def _maybe_remat(fn, cfg: StepConfig):
+  if not cfg.remat:
+    return fn
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
+
+
 def init_state(images: jax.Array) -> dict[str, jax.Array]:
   """Optimizer state for a wave of images shaped (W, C, H, W, 3)."""
   num_units = images.shape[0]
@@ -78,53 +103,125 @@ def init_state(images: jax.Array) -> dict[str, jax.Array]:
           "nonfinite_at": jnp.full((num_units,), -1, jnp.int32)}
 
 
-def unit_loss_grad(images, labels, aug_key, ce_weights, bn_weights, teachers, cfg: StepConfig):
-  """Gradient w.r.t. the images of one unit, plus its CE and BN losses at this iteration.
+def teacher_loss_grad(x, labels, ce_weight, bn_weight, model, variables, cfg: StepConfig, pieces: int = 1):
+  """One teacher's weighted loss terms on one recovery batch `x` (C, H, W, 3), and their gradient.
 
-  ce_weights[k] is 1 for the logit teacher (0 otherwise); bn_weights[k] = r_bn / K for the BN
-  teachers drawn (0 otherwise). `teachers` is a tuple of (model, variables) in cfg order.
+  Returns (grad, ce, bn) with ce = ce_weight * CE(logits, labels) and bn = bn_weight * BN loss.
+  With pieces > 1 the batch is processed in that many pieces, with the exact whole-batch gradient.
   """
-  params = aug.sample_recover_aug_params(aug_key, (cfg.image_size, cfg.image_size), cfg.jitter,
-                                         scale=cfg.rrc_scale, flip=cfg.flip)
-  augmented, pullback = jax.vjp(lambda x: aug.apply_recover_aug(x, params), images)
+  if pieces <= 1:
+    def loss(x):
+      with nn.intercept_methods(_tag_block_outputs):
+        out = bn_stats.forward_with_bn_stats(model, variables, x)
+      ce = ce_weight * objective.cross_entropy(out.logits, labels)
+      bn = bn_weight * objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
+      return ce + bn, (ce, bn)
+    (_, (ce, bn)), grad = jax.value_and_grad(_maybe_remat(loss, cfg), has_aux=True)(x)
+    return grad, ce, bn
 
-  def teacher_loss(x, k):
-    model, variables = teachers[k]
+  # The batch as `pieces` equal pieces (zero-weight padding rows fill the last one), run by
+  # `lax.map`: a loop body's buffers are reused from one piece to the next, so only one piece's
+  # activations are ever live (unrolled pieces would let XLA schedule them side by side).
+  rows = x.shape[0]
+  size = -(-rows // pieces)
+  pad = size * pieces - rows
+  split = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((pieces, size) + a.shape[1:])
+  xs, ys = split(x), split(labels)
+  ws = split(jnp.ones((rows,), jnp.float32))
+
+  # Pass 1: whole-batch BN moments, summed over pieces (no activations kept).
+  def piece_moments(args):
+    xp, wp = args
+    return bn_stats.forward_with_bn_moments(model, variables, xp, rows, row_weights=wp)[1]
+  stacked = jax.lax.map(piece_moments, (xs, ws))   # every field gets a leading pieces axis
+  running = [(m.running_mean[0], m.running_var[0]) for m in stacked]
+  means = tuple(jnp.sum(m.mean_part, axis=0) for m in stacked)
+  variances = tuple(jnp.sum(m.sq_part, axis=0) - jnp.square(mu - rm)
+                    for m, mu, (rm, _) in zip(stacked, means, running))
+
+  def bn_of_moments(means, variances):
+    stats = [bn_stats.BNStat(mu, var, rm, rv) for mu, var, (rm, rv) in zip(means, variances, running)]
+    return objective.bn_matching_loss(stats, cfg.first_bn_multiplier)
+
+  bn_loss, (d_means, d_vars) = jax.value_and_grad(bn_of_moments, argnums=(0, 1))(means, variances)
+
+  # Pass 2: per piece, the vjp of (its CE share, its moment shares centered at the batch means).
+  def piece_terms(xp, yp, wp):
     with nn.intercept_methods(_tag_block_outputs):
-      out = bn_stats.forward_with_bn_stats(model, variables, x)
-    ce = ce_weights[k] * objective.cross_entropy(out.logits, labels)
-    bn = bn_weights[k] * objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
-    return ce + bn, (ce, bn)
+      logits, part = bn_stats.forward_with_bn_moments(model, variables, xp, rows, centers=means,
+                                                      row_weights=wp)
+    per_row = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yp)
+    return jnp.sum(wp * per_row) / rows, tuple(p.mean_part for p in part), tuple(p.sq_part for p in part)
 
-  if cfg.remat:
-    teacher_loss = jax.checkpoint(teacher_loss, static_argnums=(1,),
-                                  policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
+  piece_terms = _maybe_remat(piece_terms, cfg)
+  cotangent = (ce_weight, tuple(bn_weight * d for d in d_means), tuple(bn_weight * d for d in d_vars))
 
-  zero = jnp.zeros((), jnp.float32)
-  if cfg.sequential_teachers:
+  def piece_grad(args):
+    xp, yp, wp = args
+    (ce_part, _, _), pullback = jax.vjp(lambda xp: piece_terms(xp, yp, wp), xp)
+    return pullback(cotangent)[0], ce_part
+  grads, ce_parts = jax.lax.map(piece_grad, (xs, ys, ws))
+  grad = grads.reshape((size * pieces,) + x.shape[1:])[:rows]
+  return grad, ce_weight * jnp.sum(ce_parts), bn_weight * bn_loss
+
+
+def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, cfg: StepConfig,
+                    active: tuple[int, ...] | None = None):
+  """Gradients w.r.t. the images of a device's units, plus each unit's CE and BN loss.
+
+  images (L, C, H, W, 3); labels (L, C); aug_keys (L,) keys; ce_weights, bn_weights (L, n): the
+  teachers' weights at this iteration (ce 1 for the unit's logit teacher, bn r_bn / K for its BN
+  teachers, all 0 for a frozen unit). `teachers` is a tuple of (model, variables) in cfg order.
+  """
+  def sample(key):
+    return aug.sample_recover_aug_params(key, (cfg.image_size, cfg.image_size), cfg.jitter,
+                                         scale=cfg.rrc_scale, flip=cfg.flip)
+  params = jax.vmap(sample)(aug_keys)
+  augmented, pullback = jax.vjp(lambda x: jax.vmap(aug.apply_recover_aug)(x, params), images)
+  units = images.shape[0]
+  zero = jnp.zeros((units,), jnp.float32)
+  unit_used = (ce_weights > 0) | (bn_weights > 0)                     # (L, n)
+
+  def one_teacher(k):
+    model, variables = teachers[k]
+    fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, cfg.pieces(k))
+    grad, ce, bn = jax.vmap(fn)(augmented, labels, ce_weights[:, k], bn_weights[:, k])
+    used = unit_used[:, k]
+    # A unit that does not use teacher k gets exactly nothing from it (not 0 * a non-finite value).
+    return (jnp.where(used[:, None, None, None, None], grad, 0.0), jnp.where(used, ce, 0.0),
+            jnp.where(used, bn, 0.0))
+
+  if active is not None:
+    grad, ce_total, bn_total = jnp.zeros_like(augmented), zero, zero
+    for k in active:
+      g, ce, bn = one_teacher(k)
+      grad, ce_total, bn_total = grad + g, ce_total + ce, bn_total + bn
+  elif cfg.sequential_teachers:
     carry = (jnp.zeros_like(augmented), zero, zero)
     for k in range(len(teachers)):
       def run_teacher(carry, k=k):
-        grad, ce_total, bn_total = carry
-        (_, (ce, bn)), g = jax.value_and_grad(teacher_loss, has_aux=True)(augmented, k)
-        return grad + g, ce_total + ce, bn_total + bn
-      used = (ce_weights[k] > 0) | (bn_weights[k] > 0)
-      carry = jax.lax.cond(used, run_teacher, lambda carry: carry, carry)
+        grad, ce, bn = one_teacher(k)
+        return carry[0] + grad, carry[1] + ce, carry[2] + bn
+      carry = jax.lax.cond(jnp.any(unit_used[:, k]), run_teacher, lambda carry: carry, carry)
     grad, ce_total, bn_total = carry
   else:
-    def joint_loss(x):
-      terms = [teacher_loss(x, k)[1] for k in range(len(teachers))]
-      ce_total = sum(t[0] for t in terms)
-      bn_total = sum(t[1] for t in terms)
+    def joint_loss(x, y, cw, bw):
+      ce_total = bn_total = jnp.zeros((), jnp.float32)
+      for k, (model, variables) in enumerate(teachers):
+        out = bn_stats.forward_with_bn_stats(model, variables, x)
+        ce_total = ce_total + cw[k] * objective.cross_entropy(out.logits, y)
+        bn_total = bn_total + bw[k] * objective.bn_matching_loss(out.bn, cfg.first_bn_multiplier)
       return ce_total + bn_total, (ce_total, bn_total)
-    (_, (ce_total, bn_total)), grad = jax.value_and_grad(joint_loss, has_aux=True)(augmented)
+    grad_fn = jax.value_and_grad(joint_loss, has_aux=True)
+    (_, (ce_total, bn_total)), grad = jax.vmap(grad_fn)(augmented, labels, ce_weights, bn_weights)
   (image_grad,) = pullback(grad)
   if cfg.tv_weight or cfg.l2_weight:
     def prior_fn(x):
       return cfg.tv_weight * objective.total_variation(x) + cfg.l2_weight * jnp.sqrt(jnp.sum(x * x))
-    prior, prior_grad = jax.value_and_grad(prior_fn)(images)
-    image_grad = image_grad + prior_grad
-    bn_total = bn_total + prior
+    prior, prior_grad = jax.vmap(jax.value_and_grad(prior_fn))(images)
+    active = jnp.any(unit_used, axis=1)
+    image_grad = image_grad + jnp.where(active[:, None, None, None, None], prior_grad, 0.0)
+    bn_total = bn_total + jnp.where(active, prior, 0.0)
   return image_grad, ce_total, bn_total
 
 
@@ -142,41 +239,66 @@ def adam_update(images, m, v, grad, t, total, cfg: StepConfig):
   return jnp.clip(images, low, high), m, v
 
 
+def iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg: StepConfig,
+              active: tuple[int, ...] | None = None):
+  """One iteration t of a device's units (L of them); units with t >= T_u are left unchanged."""
+  live = t < totals                                                     # (L,)
+  ce_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(ce_weights, t, 1, False), 0.0)
+  bn_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(bn_weights, t, 1, False), 0.0)
+  step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
+  grad, ce, bn = group_loss_grad(st["images"], labels, step_keys, ce_t, bn_t, teachers, cfg, active)
+  update = jax.vmap(adam_update, in_axes=(0, 0, 0, 0, None, 0, None))
+  images, m, v = update(st["images"], st["adam_m"], st["adam_v"], grad, t,
+                        jnp.maximum(totals, 1), cfg)
+  finite = jnp.isfinite(ce) & jnp.isfinite(bn) & jnp.all(jnp.isfinite(grad), axis=(1, 2, 3, 4))
+  ok = live & finite & (st["nonfinite_at"] < 0)
+  pick = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return {"images": pick(images, st["images"]), "adam_m": pick(m, st["adam_m"]),
+          "adam_v": pick(v, st["adam_v"]), "last_ce": pick(ce, st["last_ce"]),
+          "last_bn": pick(bn, st["last_bn"]),
+          "nonfinite_at": jnp.where(live & ~finite & (st["nonfinite_at"] < 0), t, st["nonfinite_at"])}
+
+
 def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables,
-                   start, stop, *, models: tuple, cfg: StepConfig, mesh):
+                   start, stop, *, models: tuple, cfg: StepConfig, mesh,
+                   active: tuple[int, ...] | None = None):
   """Runs iterations [start, min(stop, T_u)) of every unit u of a wave.
 
   Shapes (W = units in the wave, a multiple of the mesh size): state arrays (W, C, H, W, 3) / (W,);
   unit_keys (W, 2) uint32 key data; labels (W, C); totals (W,) iteration counts T_u (0 for padding
   units); ce_weights, bn_weights (W, T_max, n_teachers) per-iteration teacher weights.
+
+  With `active` (static teacher indices: the teachers any unit of the wave uses at iteration
+  `start`), the program runs the single iteration t = `start` (`stop` is ignored), evaluates
+  exactly those teachers and contains no loop and no conditional. That is the CPU path: XLA:CPU
+  runs convolutions inside a loop body or a conditional branch about 3.5x slower than at the top
+  level of a program, so there the host drives the iterations. Without `active` the iterations
+  run in a `fori_loop` with every teacher behind a `lax.cond` (accelerators).
   """
   teachers_static = tuple(models)
   wave = P(mesh.axis_names[0])
 
   def local(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables, start, stop):
     teachers = tuple(zip(teachers_static, teacher_variables))
+    keys = jax.vmap(jax.random.wrap_key_data)(unit_keys)
 
-    def one_unit(unit):
-      st, key_data, unit_labels, total, ce_w, bn_w = unit
-      key = jax.random.wrap_key_data(key_data)
+    def body(t, st):
+      return iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg, active)
 
-      def body(t, st):
-        grad, ce, bn = unit_loss_grad(st["images"], unit_labels, jax.random.fold_in(key, t), ce_w[t],
-                                      bn_w[t], teachers, cfg)
-        images, m, v = adam_update(st["images"], st["adam_m"], st["adam_v"], grad, t, total, cfg)
-        finite = jnp.isfinite(ce) & jnp.isfinite(bn) & jnp.all(jnp.isfinite(grad))
-        ok = finite & (st["nonfinite_at"] < 0)
-        pick = lambda new, old: jnp.where(ok, new, old)
-        return {"images": pick(images, st["images"]), "adam_m": pick(m, st["adam_m"]),
-                "adam_v": pick(v, st["adam_v"]), "last_ce": pick(ce, st["last_ce"]),
-                "last_bn": pick(bn, st["last_bn"]),
-                "nonfinite_at": jnp.where(~finite & (st["nonfinite_at"] < 0), t, st["nonfinite_at"])}
-
-      end = jnp.maximum(start, jnp.minimum(stop, total))
-      return jax.lax.fori_loop(start, end, body, st)
-
-    return jax.lax.map(one_unit, (state, unit_keys, labels, totals, ce_weights, bn_weights))
+    if active is not None:
+      return body(start, state)
+    end = jnp.maximum(start, jnp.minimum(stop, jnp.max(totals)))
+    return jax.lax.fori_loop(start, end, body, state)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(wave,) * 6 + (P(), P(), P()), out_specs=wave,
                        check_vma=False)(state, unit_keys, labels, totals, ce_weights, bn_weights,
                                         teacher_variables, start, stop)
+
+
+def active_teachers(ce_weights, bn_weights, totals, t: int) -> tuple[int, ...]:
+  """Host-side: indices of the teachers any unit of a wave uses at iteration t (numpy inputs)."""
+  live = totals > t
+  if not live.any():
+    return ()
+  used = (ce_weights[live, t] > 0) | (bn_weights[live, t] > 0)
+  return tuple(int(k) for k in np.flatnonzero(used.any(axis=0)))

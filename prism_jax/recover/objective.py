@@ -16,10 +16,10 @@ import optax
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
-  """Euclidean norm whose gradient at 0 is 0 instead of NaN."""
+  """Euclidean norm whose gradient at 0 is 0 instead of NaN (a NaN input still gives NaN)."""
   sq = jnp.sum(jnp.square(x))
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  zero = sq == 0
+  return jnp.where(zero, 0.0, jnp.sqrt(jnp.where(zero, 1.0, sq)))
 
 
 def bn_matching_loss(bn_stats: Sequence, first_bn_multiplier: float) -> jax.Array:

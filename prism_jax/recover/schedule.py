@@ -2,13 +2,15 @@
 
 A unit = one recovery batch (one IPC index x one chunk of classes). Units differ in their teacher
 sets and iteration counts. A *wave* is one compiled, device-sharded call over `width` units (one
-row each); inside it every device runs its rows one after another, each for its own iteration
-count, evaluating only the teachers a unit uses (see recover/engine.py). So no teacher-iteration is
-spent on a unit that does not need it (the useful-work fraction of executed teacher-iterations is
-1 unless `sequential_teachers=False`), and what remains to optimize is load balance: a wave lasts
-as long as its busiest device. The scheduler sorts units by cost (iterations x teachers, longest
-first) before packing, so each wave holds units of similar cost; the device occupancy
-(needed work / devices x wave durations) measures what is left idle.
+row each); each device holds `width / devices` consecutive rows and runs them as one vmapped
+group (see recover/engine.py): a teacher runs on a device while any of its rows needs it, for all
+of the device's rows. So the scheduler sorts units by cost (iterations x teachers, longest
+first), then by teacher set and iteration count, and packs them in that order: rows that share a
+device share their teachers and (nearly) their T, and each wave holds units of similar cost.
+With one row per device (the default) nothing a device runs is unneeded. Two figures measure what
+is left: the useful-work fraction (needed / executed teacher-iterations, counting every row of a
+device group while a teacher runs, padding included) and the device occupancy (needed work /
+devices x the waves' busiest-device durations).
 """
 
 from __future__ import annotations
@@ -78,36 +80,62 @@ def default_cost(unit: Unit) -> float:
 
 
 def plan_waves(units: Sequence[Unit], width: int,
-               cost: Callable[[Unit], float] = default_cost) -> list[Wave]:
-  """Packs units into waves of `width` rows; a wave's units share the class-chunk size."""
+               cost: Callable[[Unit], float] = default_cost, rows_per_device: int = 1) -> list[Wave]:
+  """Packs units into waves of `width` rows; a wave's units share the class-chunk size.
+
+  One row per device: longest first (balanced waves). Several vmapped rows per device: by
+  iteration count, then teacher set, so that a device's rows run the same teachers as long.
+  """
   groups: dict[int, list[Unit]] = {}
   for u in units:
     groups.setdefault(len(u.classes), []).append(u)
+  if rows_per_device > 1:
+    order = lambda u: (-u.iterations, u.teachers(), u.ipc_index, u.chunk)
+  else:
+    order = lambda u: (-cost(u), u.teachers(), -u.iterations, u.ipc_index, u.chunk)
   waves = []
   for size in sorted(groups, reverse=True):
-    members = sorted(groups[size], key=lambda u: (-cost(u), u.ipc_index, u.chunk))
+    members = sorted(groups[size], key=order)
     for start in range(0, len(members), width):
       batch = tuple(members[start:start + width])
       waves.append(Wave(len(waves), batch, width, max(u.iterations for u in batch)))
   return waves
 
 
+def vmapped_group_cost(units: Sequence[Unit], rows: int) -> float:
+  """Teacher-iterations a device executes for `units` held in `rows` vmapped rows (strategy 'pre').
+
+  Each teacher runs, for every row, until the last unit that uses it is done.
+  """
+  longest: dict[str, int] = {}
+  for u in units:
+    for name in u.teachers():
+      longest[name] = max(longest.get(name, 0), u.iterations)
+  return float(rows * sum(longest.values()))
+
+
 def useful_work(waves: Sequence[Wave], num_devices: int, cost: Callable[[Unit], float] = default_cost,
-                executed_cost: Callable[[Unit], float] | None = None) -> dict[str, float]:
+                group_cost: Callable[[Sequence[Unit], int], float] = vmapped_group_cost,
+                wave_wide: bool = False) -> dict[str, float]:
   """Needed vs executed teacher-iterations, and device occupancy.
 
-  `executed_cost` is what a unit really runs (default: what it needs, as the per-teacher conds
-  guarantee); occupancy = needed / sum over waves of (devices x busiest device's executed work).
+  `cost(u)` is what unit u needs; `group_cost(units, rows)` is what a device holding `units` in
+  `rows` rows executes. With `wave_wide` (static teacher gating: one program for all devices)
+  every device runs what the whole wave needs: its load is group_cost(all the wave's units, rows).
+  Occupancy = needed / sum over waves of (devices x busiest device's work).
   """
-  executed_cost = executed_cost or cost
   needed = executed = device_time = 0.0
   for w in waves:
-    rows_per_device = w.width // num_devices
-    loads = [0.0] * num_devices
-    for row, u in enumerate(w.units):
-      needed += cost(u)
-      executed += executed_cost(u)
-      loads[row // rows_per_device] += executed_cost(u)
+    rows = w.width // num_devices
+    loads = []
+    for d in range(num_devices):
+      members = w.units[d * rows:(d + 1) * rows]
+      needed += sum(cost(u) for u in members)
+      if wave_wide:
+        loads.append(group_cost(w.units, rows))
+      else:
+        loads.append(group_cost(members, rows) if members else 0.0)
+    executed += sum(loads)
     device_time += num_devices * max(loads)
   return {"needed": needed, "executed": executed,
           "useful_fraction": needed / executed if executed else 1.0,

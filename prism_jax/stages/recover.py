@@ -41,7 +41,8 @@ STAGE_DIR = "recover"
 DONE_FILE = "recover.json"
 SUMMARY_IMAGES = 8  # TensorBoard shows this many images (classes) of each wave's first unit
 _EXECUTION_FIELDS = ("units_per_device", "iterations_per_call", "checkpoint_every_iterations",
-                     "sequential_teachers", "remat", "export_jpeg", "teachers_dir")
+                     "sequential_teachers", "remat", "teacher_pieces", "teacher_gating", "export_jpeg",
+                     "teachers_dir")
 
 
 def stage_dir(workdir: str) -> str:
@@ -62,6 +63,37 @@ def selection_spec(rc) -> selection.SelectionSpec:
   if rc.init not in ("real", "noise"):
     raise ValueError(f"recover.init={rc.init!r}: expected 'real' or 'noise'")
   return spec
+
+
+def parse_teacher_pieces(text: str, order) -> tuple[int, ...]:
+  """'name=n,name=n' -> pieces per teacher in `order` (1 for teachers not named)."""
+  pieces = dict.fromkeys(order, 1)
+  for item in filter(None, (part.strip() for part in str(text or "").split(","))):
+    name, _, count = item.partition("=")
+    name = name.strip()
+    if name not in pieces:
+      raise ValueError(f"recover.teacher_pieces={text!r}: '{name}' is not a teacher of this recovery "
+                       f"(teachers: {', '.join(order)})")
+    try:
+      pieces[name] = int(count)
+    except ValueError:
+      pieces[name] = 0
+    if pieces[name] < 1:
+      raise ValueError(f"recover.teacher_pieces={text!r}: expected 'name=n' items with n >= 1, got "
+                       f"{item!r}")
+  return tuple(pieces[name] for name in order)
+
+
+def teacher_gating(rc) -> str:
+  """'static' (host-driven iterations, no conditionals: CPU) or 'cond' (device loop: accelerators)."""
+  gating = rc.teacher_gating
+  if gating == "auto":
+    gating = "static" if jax.default_backend() == "cpu" else "cond"
+  if gating not in ("static", "cond"):
+    raise ValueError(f"recover.teacher_gating={rc.teacher_gating!r}: expected 'auto', 'static' or 'cond'")
+  if gating == "static" and not rc.sequential_teachers:
+    gating = "cond"  # the naive baseline evaluates every teacher anyway
+  return gating
 
 
 def jitter_pixels(rc, image_size: int) -> int:
@@ -165,6 +197,9 @@ def run(config, workdir: str, mesh) -> dict:
   # One canonical teacher order for the whole job: one compiled program serves every wave, and a
   # unit's gradient sums teachers in the same order whatever wave it lands in.
   order = tuple(dict.fromkeys(spec.all_logit_teachers() + spec.all_bn_teachers()))
+  pieces = parse_teacher_pieces(rc.teacher_pieces, order)
+  if rc.units_per_device < 1:
+    raise ValueError(f"recover.units_per_device={rc.units_per_device}: expected >= 1")
   teachers = load_teachers(order, teachers_dir, dataset)
   bn_candidates = spec.all_bn_teachers()
   bn_less = [t for t in bn_candidates if not teachers.has_bn[t]]
@@ -196,13 +231,25 @@ def run(config, workdir: str, mesh) -> dict:
     ce, bn = unit_weights(u)
     return float(np.count_nonzero((ce > 0) | (bn > 0)))
 
-  executed = needed if rc.sequential_teachers else (lambda u: float(u.iterations * len(order)))
+  def group_cost(members, rows):  # teacher-iterations a device executes (see schedule.useful_work)
+    if not rc.sequential_teachers:  # every teacher, every row, up to the longest unit
+      return float(rows * len(order) * max(u.iterations for u in members))
+    if rc.strategy == "pre":
+      return schedule.vmapped_group_cost(members, rows)
+    used = np.zeros((max(u.iterations for u in members), len(order)), bool)
+    for u in members:
+      ce, bn = unit_weights(u)
+      used[:ce.shape[0]] |= (ce > 0) | (bn > 0)
+    return float(rows * np.count_nonzero(used))
+
   width = mesh.devices.size * rc.units_per_device
-  waves = schedule.plan_waves(units, width, cost=needed)
-  work = schedule.useful_work(waves, mesh.devices.size, cost=needed, executed_cost=executed)
+  waves = schedule.plan_waves(units, width, cost=needed, rows_per_device=rc.units_per_device)
+  gating = teacher_gating(rc)
+  work = schedule.useful_work(waves, mesh.devices.size, cost=needed, group_cost=group_cost,
+                              wave_wide=gating == "static")
   print(f"[recover] {len(units)} recovery batches ({rc.ipc - rc.ipc_start} IPC x "
         f"{-(-dataset.num_classes // rc.classes_per_batch)} chunks) in {len(waves)} waves of {width} "
-        f"on {mesh.devices.size} device(s); teachers {order}; useful-work fraction "
+        f"on {mesh.devices.size} device(s); teachers {order} ({gating} gating); useful-work fraction "
         f"{work['useful_fraction']:.3f}, device occupancy {work['device_occupancy']:.3f}", flush=True)
 
   writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", "recover"))
@@ -218,7 +265,7 @@ def run(config, workdir: str, mesh) -> dict:
   teacher_vars = mesh_lib.replicate(tuple(teachers.variables[n] for n in order), mesh)
   done_iters = 0
   for wave in waves:
-    local = run_wave(wave, order, unit_weights, config, dataset, teachers, teacher_vars, mesh, out_dir,
+    local = run_wave(wave, order, pieces, unit_weights, config, dataset, teachers, teacher_vars, mesh, out_dir,
                      low=tuple(map(float, low)), high=tuple(map(float, high)),
                      progress=progress, progress_offset=done_iters, writer=writer)
     done_iters += wave.iterations
@@ -310,7 +357,7 @@ def initial_images(units, dataset, rc, seed: int) -> np.ndarray:
   return np.stack(out).astype(np.float32)
 
 
-def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers: Teachers, teacher_vars,
+def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, teachers: Teachers, teacher_vars,
              mesh, out_dir: str, *, low, high, progress, progress_offset: int, writer) -> dict:
   """Runs (or loads) this process's rows of one wave.
 
@@ -359,13 +406,26 @@ def run_wave(wave: schedule.Wave, order, unit_weights, config, dataset, teachers
       learning_rate=rc.learning_rate, first_bn_multiplier=rc.first_bn_multiplier,
       jitter=jitter_pixels(rc, dataset.image_size), rrc_scale=tuple(rc.rrc_scale), flip=rc.flip,
       tv_weight=rc.tv_weight, l2_weight=rc.l2_weight, sequential_teachers=rc.sequential_teachers,
-      remat=rc.remat)
+      remat=rc.remat, teacher_pieces=pieces)
   models = tuple(teachers.models[n] for n in order)
   step = _compiled_step()
+  static = teacher_gating(rc) == "static"
+  if static:  # the wave's teacher sets per iteration (every process computes the same from all rows)
+    wave_w = [unit_weights(u) for u in wave.units]
+    wave_totals = np.asarray([u.iterations for u in wave.units])
+    wave_ce = np.stack([pad_to(w[0]) for w in wave_w])
+    wave_bn = np.stack([pad_to(w[1]) for w in wave_w])
   t = t0
   while t < t_max:
     stop = min(t + rc.iterations_per_call, t_max)
-    state = step(state, *args, teacher_vars, np.int32(t), np.int32(stop), models=models, cfg=cfg, mesh=mesh)
+    if static:
+      for it in range(t, stop):
+        active = engine.active_teachers(wave_ce, wave_bn, wave_totals, it)
+        state = step(state, *args, teacher_vars, np.int32(it), np.int32(it + 1), models=models,
+                     cfg=cfg, mesh=mesh, active=active)
+    else:
+      state = step(state, *args, teacher_vars, np.int32(t), np.int32(stop), models=models, cfg=cfg,
+                   mesh=mesh)
     previous, t = t, stop
     if (mesh_lib.fetch_local_batch(state["nonfinite_at"]) >= 0).any():
       # Keep finished waves and stop here; the caller names the unit on every process.
@@ -420,4 +480,5 @@ def load_wave_images(workdir: str) -> dict[tuple[int, int], np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_step():
-  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh"), donate_argnums=(0,))
+  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh", "active"),
+                 donate_argnums=(0,))
