@@ -122,6 +122,33 @@ allow_flags() {
   done
 }
 
+# start_subcommand "NAME:FLAGS" ... -- "$@": parses the command line, which must hold exactly one
+# subcommand word, one of the NAMEs; allows only that subcommand's FLAGS (space-separated); sets
+# SUBCOMMAND, and DRY_RUN for --dry-run.
+start_subcommand() {
+  local specs=() spec names=""
+  while [[ $1 != -- ]]; do
+    specs+=("$1")
+    shift
+  done
+  shift
+  for spec in "${specs[@]}"; do
+    names+="${names:+, }${spec%%:*}"
+  done
+  parse_flags "$@"
+  [[ ${#POSITIONAL[@]} -eq 1 ]] ||
+    usage_error "expected one subcommand (${names}), got ${#POSITIONAL[@]} words: ${POSITIONAL[*]-}"
+  SUBCOMMAND=${POSITIONAL[0]}
+  [[ -z $opt_dry_run ]] || DRY_RUN=1
+  for spec in "${specs[@]}"; do
+    if [[ ${spec%%:*} == "$SUBCOMMAND" ]]; then
+      allow_flags "$SUBCOMMAND" "${spec#*:}"
+      return
+    fi
+  done
+  usage_error "unknown subcommand '${SUBCOMMAND}'"
+}
+
 require_flags() {
   local subcommand=$1 flag var
   shift

@@ -59,16 +59,8 @@ cmd_tunnel() {
 }
 
 main() {
-  parse_flags "$@"
-  [[ ${#POSITIONAL[@]} -eq 1 ]] ||
-    usage_error "expected one subcommand (local, tunnel), got ${#POSITIONAL[@]} words: ${POSITIONAL[*]-}"
-  local subcommand=${POSITIONAL[0]}
-  [[ -z $opt_dry_run ]] || DRY_RUN=1
-  case $subcommand in
-    local) allow_flags local "workdir port dry-run" ;;
-    tunnel) allow_flags tunnel "workdir port host remote-dir dry-run" ;;
-    *) usage_error "unknown subcommand '${subcommand}'" ;;
-  esac
+  start_subcommand "local:workdir port dry-run" "tunnel:workdir port host remote-dir dry-run" -- "$@"
+  local subcommand=$SUBCOMMAND
   require_flags "$subcommand" workdir
   PORT=${opt_port:-6006}
   check_int_range port "$PORT" 1 65535

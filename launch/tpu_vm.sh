@@ -133,20 +133,13 @@ cmd_delete() {
 }
 
 main() {
-  parse_flags "$@"
-  [[ ${#POSITIONAL[@]} -eq 1 ]] ||
-    usage_error "expected one subcommand (create, setup, run, tensorboard, delete), got ${#POSITIONAL[@]}" \
-      "words: ${POSITIONAL[*]-}"
-  local subcommand=${POSITIONAL[0]}
-  [[ -z $opt_dry_run ]] || DRY_RUN=1
-  case $subcommand in
-    create) allow_flags create "${COMMON_FLAGS} accelerator-type version spot" ;;
-    setup) allow_flags setup "${COMMON_FLAGS} ref python" ;;
-    run) allow_flags run "${COMMON_FLAGS} config workdir override sync-from" ;;
-    tensorboard) allow_flags tensorboard "${COMMON_FLAGS} workdir port" ;;
-    delete) allow_flags delete "${COMMON_FLAGS} yes" ;;
-    *) usage_error "unknown subcommand '${subcommand}'" ;;
-  esac
+  start_subcommand \
+    "create:${COMMON_FLAGS} accelerator-type version spot" \
+    "setup:${COMMON_FLAGS} ref python" \
+    "run:${COMMON_FLAGS} config workdir override sync-from" \
+    "tensorboard:${COMMON_FLAGS} workdir port" \
+    "delete:${COMMON_FLAGS} yes" -- "$@"
+  local subcommand=$SUBCOMMAND
   require_flags "$subcommand" name
   check_resource_name "$opt_name" 63
   resolve_zone "$subcommand"
