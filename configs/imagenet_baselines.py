@@ -9,19 +9,15 @@ The parameter is `<baseline>_ipc<N>`, N in {10, 50, 100}:
           teacher from ResNet-18 + the pool, bernoulli BN set), `prism` protocol, so it compares
           directly with configs/imagenet_prism.py:ipc<N>_r18
 
-  for stage in recover relabel train evaluate; do
-    python -m prism_jax.main --config configs/imagenet_baselines.py:sre2l_ipc10 \
-        --workdir workdirs/in1k_sre2l_ipc10 --config.stage=$stage || break
-  done
+  python -m prism_jax.main --config configs/imagenet_baselines.py:sre2l_ipc10 --workdir workdirs/in1k_sre2l_ipc10
 
 `--config.evaluate.compare_workdirs="('workdirs/in1k_prism_ipc10_r18',)"` on the evaluate stage puts
 a PRISM run's sets in the same report.
 
-Prepare data and teachers once as described in configs/imagenet_prism.py; on a Cloud VM run each
-stage as a `launch/gpu_vm.sh run $FLAGS --config configs/imagenet_baselines.py:sre2l_ipc10 --workdir
+Prepare data and teachers once as described in configs/imagenet_prism.py; on a Cloud VM run
+`launch/gpu_vm.sh run $FLAGS --config configs/imagenet_baselines.py:sre2l_ipc10 --workdir
 workdirs/in1k_sre2l_ipc10 --sync-from gs://MY_BUCKET/tfds:tfds --sync-from
-gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k --override stage=recover` (then relabel,
-train, evaluate), as in that file.
+gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k`, as in that file.
 
 Expected cost on one H100, in hours (estimate, same method as configs/imagenet_prism.py; batch 1024
 student steps assumed at 40 TFLOP/s):

@@ -2,24 +2,20 @@
 
 The parameter is `ipc<N>_r<depth>`, N in {10, 50, 100}, depth in {18, 50, 101}:
 
-  for stage in recover relabel train evaluate; do
-    python -m prism_jax.main --config configs/imagenet_prism.py:ipc10_r18 \
-        --workdir workdirs/in1k_prism_ipc10_r18 --config.stage=$stage || break
-  done
+  python -m prism_jax.main --config configs/imagenet_prism.py:ipc10_r18 --workdir workdirs/in1k_prism_ipc10_r18
 
-The squeeze stage is skipped (teachers are torchvision ImageNet weights), so the command runs the
-other four stages one after another (`--config.stage=all` would first train a ResNet-18 teacher).
+The squeeze stage is skipped (teachers are torchvision ImageNet weights): these configs set
+`stage='recover+'`, recover and every stage after it (`--config.stage=all` would first train a
+ResNet-18 teacher).
 Recovery is the official PRISM recipe: ResNet-18 logits, BN priors from ResNet-18 plus bernoulli
 extras from {MobileNetV2, EfficientNet-B0, ShuffleNetV2-0.5, AlexNet} drawn once per IPC index,
 real-image init, lr 0.05, T = 4000 - 500 (i mod 8). The recovered images do not depend on the
 student (the official R50/R101 scripts also use ResNet-18 logits): a ResNet-50/101 run can reuse a
-finished ResNet-18 run's set and skip recover, e.g. (note the loop without recover):
+finished ResNet-18 run's set and skip recover, e.g.:
 
-  for stage in relabel train evaluate; do
-    python -m prism_jax.main --config configs/imagenet_prism.py:ipc10_r50 \
-        --workdir workdirs/in1k_prism_ipc10_r50 \
-        --config.image_sets="('workdirs/in1k_prism_ipc10_r18/recover',)" --config.stage=$stage || break
-  done
+  python -m prism_jax.main --config configs/imagenet_prism.py:ipc10_r50 \
+      --workdir workdirs/in1k_prism_ipc10_r50 --config.stage=relabel+ \
+      --config.image_sets="('workdirs/in1k_prism_ipc10_r18/recover',)"
 
 Once, before any ImageNet config (imagenet_prism, imagenet_table2, imagenet_baselines, imagenet_rd3):
   * data: `tfds build imagenet2012 --data_dir=tfds --file_format=array_record` with the two archives
@@ -31,16 +27,14 @@ Once, before any ImageNet config (imagenet_prism, imagenet_table2, imagenet_base
         python -m prism_jax.tools.import_torchvision --arch $a --pth pth/$a.pth --out teachers/imagenet1k/$a
       done
 
-On a Cloud GPU VM (one host; see launch/README.md), each stage is one `run`, started when the log
-shows that the previous stage finished:
+On a Cloud GPU VM (one host; see launch/README.md):
 
   FLAGS="--name prism-in1k --zone us-central1-a --project MY_PROJECT"
   launch/gpu_vm.sh create $FLAGS --machine-type a3-highgpu-1g --boot-disk-size 500GB
   launch/gpu_vm.sh setup $FLAGS
   launch/gpu_vm.sh run $FLAGS --config configs/imagenet_prism.py:ipc10_r18 \
       --workdir workdirs/in1k_prism_ipc10_r18 --sync-from gs://MY_BUCKET/tfds:tfds \
-      --sync-from gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k \
-      --override stage=recover    # then the same with stage=relabel, stage=train, stage=evaluate
+      --sync-from gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k
 
 (`launch/tpu_vm.sh ... --accelerator-type v4-8` takes the same `run` flags.)
 

@@ -7,17 +7,13 @@ ResNet-18 soft labels, PatchShuffle (2x2) + RandomResizedCrop 0.5-1 + flip + Cut
 400 epochs, batch 50 and smoothed cosine zeta 1 for a ResNet-18 student, batch 100 and zeta 2
 otherwise. The parameter is `ipc<N>_r<depth>` as in configs/imagenet_prism.py:
 
-  for stage in recover relabel train evaluate; do
-    python -m prism_jax.main --config configs/imagenet_rd3.py:ipc10_r18 \
-        --workdir workdirs/in1k_rd3_ipc10_r18 --config.stage=$stage || break
-  done
+  python -m prism_jax.main --config configs/imagenet_rd3.py:ipc10_r18 --workdir workdirs/in1k_rd3_ipc10_r18
 
 evaluate/report.md then holds one row per set (recover, random_real). Prepare data and teachers
-once as described in configs/imagenet_prism.py; on a Cloud VM run each stage as a
+once as described in configs/imagenet_prism.py; on a Cloud VM run
 `launch/gpu_vm.sh run $FLAGS --config configs/imagenet_rd3.py:ipc10_r18 --workdir
 workdirs/in1k_rd3_ipc10_r18 --sync-from gs://MY_BUCKET/tfds:tfds --sync-from
-gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k --override stage=recover` (then relabel,
-train, evaluate), as in that file.
+gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k`, as in that file.
 
 Expected cost on one H100, in hours (estimate, same method as configs/imagenet_prism.py; two image
 sets, each relabeled and trained for 400 epochs; about 0.3 h of evaluation passes per student):

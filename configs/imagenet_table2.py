@@ -3,10 +3,7 @@
 The parameter is the recover method of `common.set_recover_method`; everything else (data, imported
 teachers, the `prism` evaluation protocol) is shared, so the rows differ only in recovery:
 
-  for stage in recover relabel train evaluate; do
-    python -m prism_jax.main --config configs/imagenet_table2.py:multi_k3 \
-        --workdir workdirs/in1k_table2_multi_k3 --config.stage=$stage || break
-  done
+  python -m prism_jax.main --config configs/imagenet_table2.py:multi_k3 --workdir workdirs/in1k_table2_multi_k3
 
   parameter        Table 2 row (model selection, BN teachers)
   sre2l            SRe2L (-, 1): one ResNet-18 for logits and BN, noise init, lr 0.25, T 4000
@@ -29,11 +26,10 @@ Differences from the paper's table, stated so the numbers are not compared blind
   * The row "+ single-teacher alignment (intra-distillation, 1)" (one teacher re-drawn every
     iteration that supplies both the logits and the BN prior) has no preset: `strategy='intra'`
     re-draws the logit teacher and the BN set independently.
-Prepare data and teachers once as described in configs/imagenet_prism.py; on a Cloud VM, run each
-stage with `launch/gpu_vm.sh run $FLAGS --config configs/imagenet_table2.py:multi_k3 --workdir
+Prepare data and teachers once as described in configs/imagenet_prism.py; on a Cloud VM, run
+`launch/gpu_vm.sh run $FLAGS --config configs/imagenet_table2.py:multi_k3 --workdir
 workdirs/in1k_table2_multi_k3 --sync-from gs://MY_BUCKET/tfds:tfds --sync-from
-gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k --override stage=recover` (then relabel,
-train, evaluate), as in that file.
+gs://MY_BUCKET/teachers/imagenet1k:teachers/imagenet1k`, as in that file.
 
 Expected cost per row on one H100 (estimate, same method as configs/imagenet_prism.py: model FLOPs x
 iterations at an assumed 60 TFLOP/s for recovery): recover 1.5 h (single_pre), 1.7 h (decoupled_*),

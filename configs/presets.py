@@ -22,8 +22,7 @@ PRISM_TEACHERS = ("resnet18",) + common.PRISM_POOL
 # Where the ImageNet configs read imported torchvision teachers, relative to the repository root
 # (on a VM: ~/prism_jax/teachers/imagenet1k, e.g. filled by `--sync-from gs://BUCKET/teachers/imagenet1k:...`).
 IMAGENET_TEACHERS_DIR = "teachers/imagenet1k"
-# ImageNet runs skip squeeze (stage 'all' would train teachers): the documented command runs these in order.
-IMAGENET_STAGES = ("recover", "relabel", "train", "evaluate")
+IMAGENET_STAGE = "recover+"  # recover and every later stage: squeeze never runs on ImageNet
 STUDENTS = {"r18": "resnet18", "r50": "resnet50", "r101": "resnet101"}
 IMAGENET_IPCS = (10, 50, 100)
 # Parameter strings `ipc<N>_r<depth>` of the ImageNet experiments with one student and one IPC.
@@ -58,11 +57,11 @@ def imagenet_config(*, ipc: int, student: str = "resnet18", method: str = "prism
   """ImageNet-1K: recover `method` at `ipc`, relabel + train `student` under `protocol`.
 
   Teachers are torchvision ImageNet weights imported into IMAGENET_TEACHERS_DIR (README,
-  "torchvision weights"); the squeeze stage is never run, so `stage` starts at recover and the
-  documented command steps through IMAGENET_STAGES.
+  "torchvision weights"); the squeeze stage is never run: `stage` is IMAGENET_STAGE, recover and
+  every stage after it.
   """
   config = common.base_config()
-  config.stage = IMAGENET_STAGES[0]  # not 'all': that would train a ResNet-18 teacher from scratch first
+  config.stage = IMAGENET_STAGE  # not 'all': that would train a ResNet-18 teacher from scratch first
   config.data = imagenet_data()
   common.set_recover_method(config, method)
   rc = config.recover

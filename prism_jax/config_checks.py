@@ -20,8 +20,10 @@ def _get(config, dotted: str):
 
 def validate(config) -> None:
   """Raises ValueError naming the first invalid field and what was expected."""
-  if config.stage not in stages.PIPELINE + ("all",):
-    raise ValueError(f"config.stage={config.stage!r}: expected one of {stages.PIPELINE + ('all',)}")
+  try:
+    stages.sequence(config.stage)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   for field in _POSITIVE:
     if _get(config, field) <= 0:
       raise ValueError(f"config.{field}={_get(config, field)!r}: expected a positive number")

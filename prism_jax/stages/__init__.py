@@ -9,15 +9,36 @@ PIPELINE = ("squeeze", "recover", "relabel", "train", "evaluate")
 AVAILABLE = PIPELINE
 
 
+def sequence(spec: str) -> tuple[str, ...]:
+  """The stages `config.stage` names, in pipeline order.
+
+  'all' = every stage; 'recover+' = recover and every stage after it; 'relabel,train' = those
+  stages; 'train' = that one.
+  """
+  expected = (f"expected a stage of {PIPELINE}, 'all', 'NAME+' (NAME and the stages after it) or "
+              "a comma-separated list in pipeline order")
+  spec = str(spec).strip()
+  if spec == "all":
+    return PIPELINE
+  if spec.endswith("+"):
+    if spec[:-1] not in PIPELINE:
+      raise ValueError(f"stage={spec!r}: {expected}")
+    return PIPELINE[PIPELINE.index(spec[:-1]):]
+  names = tuple(part.strip() for part in spec.split(","))
+  if not all(n in PIPELINE for n in names) or len(set(names)) != len(names):
+    raise ValueError(f"stage={spec!r}: {expected}")
+  if list(names) != sorted(names, key=PIPELINE.index):
+    raise ValueError(f"stage={spec!r}: stages must be listed in pipeline order {PIPELINE}")
+  return names
+
+
 def run_stage(name: str, config, workdir: str, mesh):
-  if name == "all":
-    results = {}
-    for stage in PIPELINE:
-      if stage in AVAILABLE:
-        results[stage] = run_stage(stage, config, workdir, mesh)
-    return results
-  if name not in PIPELINE:
-    raise ValueError(f"stage={name!r}: expected one of {PIPELINE + ('all',)}")
+  """Runs the stage(s) that `name` names (see `sequence`); one stage returns its result, several a
+  dict of results by stage."""
+  names = sequence(name)
+  if len(names) > 1 or name == "all":
+    return {stage: run_stage(stage, config, workdir, mesh) for stage in names}
+  name = names[0]
   if name not in AVAILABLE:
     raise NotImplementedError(f"stage={name!r} is not available in this version of prism_jax "
                               f"(available: {AVAILABLE})")
