@@ -41,19 +41,25 @@ def forward_with_bn_stats(model: nn.Module, variables: Mapping[str, Any],
   """Eval-mode forward pass of `model` on one batch, with per-BN-layer input statistics."""
   records: list[BNStat] = []
 
-  def capture(next_fun, args, kwargs, context):
-    if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
-      x = args[0] if args else kwargs["x"]
-      mean, var = layers.batch_moments(x, tuple(range(x.ndim - 1)))
-      bn = context.module
-      records.append(BNStat(mean, var, bn.get_variable("batch_stats", "mean"),
-                            bn.get_variable("batch_stats", "var")))
-    return next_fun(*args, **kwargs)
+  def record(x, running_mean, running_var):
+    mean, var = layers.batch_moments(x, tuple(range(x.ndim - 1)))
+    records.append(BNStat(mean, var, running_mean, running_var))
 
-  with nn.intercept_methods(capture):
+  with nn.intercept_methods(_on_bn_inputs(record)):
     logits, features = model.apply(variables, images, train=False, return_features=True)
   return TeacherOutput(logits, features, tuple(records))
 
+
+def _on_bn_inputs(record):
+  """An interceptor calling record(x, running_mean, running_var) on every `layers.BatchNorm`
+  call, in forward order, before the layer runs."""
+  def capture(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
+      bn = context.module
+      record(args[0] if args else kwargs["x"], bn.get_variable("batch_stats", "mean"),
+             bn.get_variable("batch_stats", "var"))
+    return next_fun(*args, **kwargs)
+  return capture
 
 
 class BNMoments(NamedTuple):
@@ -84,20 +90,16 @@ def forward_with_bn_moments(model: nn.Module, variables: Mapping[str, Any], imag
   """
   records: list[BNMoments] = []
 
-  def capture(next_fun, args, kwargs, context):
-    if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
-      x = (args[0] if args else kwargs["x"]).astype(jnp.float32)
-      bn = context.module
-      running_mean = bn.get_variable("batch_stats", "mean")
-      center = running_mean if centers is None else centers[len(records)]
-      count = total_rows * math.prod(x.shape[1:-1])
-      axes = tuple(range(x.ndim - 1))
-      w = 1.0 if row_weights is None else row_weights.reshape((-1,) + (1,) * (x.ndim - 1))
-      records.append(BNMoments(jnp.sum(w * x, axis=axes) / count,
-                               jnp.sum(w * jnp.square(x - center), axis=axes) / count,
-                               running_mean, bn.get_variable("batch_stats", "var")))
-    return next_fun(*args, **kwargs)
+  def record(x, running_mean, running_var):
+    x = x.astype(jnp.float32)
+    center = running_mean if centers is None else centers[len(records)]
+    count = total_rows * math.prod(x.shape[1:-1])
+    axes = tuple(range(x.ndim - 1))
+    w = 1.0 if row_weights is None else row_weights.reshape((-1,) + (1,) * (x.ndim - 1))
+    records.append(BNMoments(jnp.sum(w * x, axis=axes) / count,
+                             jnp.sum(w * jnp.square(x - center), axis=axes) / count,
+                             running_mean, running_var))
 
-  with nn.intercept_methods(capture):
+  with nn.intercept_methods(_on_bn_inputs(record)):
     logits = model.apply(variables, images, train=False)
   return logits, tuple(records)

@@ -380,10 +380,15 @@ def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, 
 
   start = time.perf_counter()
   t_max = wave.iterations
-  totals = np.asarray([u.iterations if real else 0 for u, real in zip(local_units, is_real)], np.int32)
+  # Every row's iteration count (0 for padding) and per-iteration teacher weights; this process
+  # feeds its rows, and static gating reads the teacher sets of the whole wave (the same on
+  # every process).
+  wave_totals = np.asarray([u.iterations for u in wave.units] + [0] * (wave.width - len(wave.units)),
+                           np.int32)
   pad_to = lambda w: np.pad(w, ((0, t_max - w.shape[0]), (0, 0)))
-  ce_w = np.stack([pad_to(unit_weights(u)[0]) for u in local_units])
-  bn_w = np.stack([pad_to(unit_weights(u)[1]) for u in local_units])
+  wave_ce = np.stack([pad_to(unit_weights(u)[0]) for u in padded])
+  wave_bn = np.stack([pad_to(unit_weights(u)[1]) for u in padded])
+  totals, ce_w, bn_w = wave_totals[rows], wave_ce[rows], wave_bn[rows]
   labels = np.asarray([u.classes for u in local_units], np.int32)
   keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(_unit_key(config.seed, u), 0)))
                    for u in local_units])
@@ -410,11 +415,6 @@ def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, 
   models = tuple(teachers.models[n] for n in order)
   step = _compiled_step()
   static = teacher_gating(rc) == "static"
-  if static:  # the wave's teacher sets per iteration (every process computes the same from all rows)
-    wave_w = [unit_weights(u) for u in wave.units]
-    wave_totals = np.asarray([u.iterations for u in wave.units])
-    wave_ce = np.stack([pad_to(w[0]) for w in wave_w])
-    wave_bn = np.stack([pad_to(w[1]) for w in wave_w])
   t = t0
   while t < t_max:
     stop = min(t + rc.iterations_per_call, t_max)
