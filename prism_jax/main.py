@@ -16,7 +16,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, artifacts and TensorBoard logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, artifacts and TensorBoard logs "
+                                "(local, or a URL such as gs://bucket/run).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process "
                                    "runs on GPU VMs (TPU pods are detected automatically).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
@@ -43,18 +44,15 @@ def main(argv):
   import jax
 
   from prism_jax import config_checks, stages
-  from prism_jax.io import artifacts
+  from prism_jax.io import artifacts, fs
   from prism_jax.parallel import mesh as mesh_lib, multihost
 
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                        auto_detect=_JAX_DISTRIBUTED.value)
   config = _CONFIG.value
   config_checks.validate(config)
-  if "://" in _WORKDIR.value:
-    raise ValueError(f"--workdir={_WORKDIR.value}: remote work directories are not supported yet; use a "
-                     "local (or mounted) directory and copy results with `gcloud storage rsync`")
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fs.abspath(_WORKDIR.value)  # local, or a URL such as gs://bucket/run (see io/fs.py)
+  fs.makedirs(workdir)
   if jax.process_index() == 0:
     artifacts.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)

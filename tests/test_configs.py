@@ -195,12 +195,20 @@ def test_imagenet_prism_values():
 
 
 def test_table2_rows_differ_only_in_recovery():
-  rows = {arg: load("imagenet_table2", arg) for arg in _module("imagenet_table2").ARGS}
+  module = _module("imagenet_table2")
+  rows = {arg: load("imagenet_table2", arg) for arg in module.METHODS}
   reference = _flat(rows["prism"].to_dict())
   for arg, c in rows.items():
     diff = {k for k, v in _flat(c.to_dict()).items() if reference[k] != v}
     assert all(k.startswith("recover.") for k in diff), (arg, diff)
     assert (c.recover.ipc, c.train.student, c.train.protocol) == (10, "resnet18", "prism")
+    # The recovery-only variant: the same recovery at IPC 50, students on hard labels.
+    hard = load("imagenet_table2", arg + "_hard")
+    hard_diff = {k for k, v in _flat(hard.to_dict()).items() if _flat(c.to_dict())[k] != v}
+    assert all(k.startswith(("train.", "relabel.")) for k in hard_diff - {"recover.ipc"}), (arg, hard_diff)
+    assert (hard.recover.ipc, hard.train.protocol, hard.train.loss, hard.relabel.teachers) == (
+        50, "hard_label", "ce", ())
+    assert relabel.uses_hard_labels_only(hard) and not relabel.uses_hard_labels_only(c)
   sre2l = rows["sre2l"].recover
   assert (sre2l.distribution, sre2l.init, sre2l.learning_rate, sre2l.iteration_step) == (
       "single", "noise", 0.25, 0)
@@ -455,9 +463,13 @@ def _check_recover(config, workdir):
 
 def _check_downstream(config, workdir, results):
   for image_set in config.image_sets:
-    labels = artifacts.read_json(os.path.join(workdir, "sets", image_set, "relabel", "labels.json"))
-    assert labels["complete"] and labels["fingerprint"]["aggregation"] == config.relabel.aggregation
-    assert labels["fingerprint"]["views"]["patch_shuffle_grid"] == config.relabel.patch_shuffle_grid
+    relabel_dir = os.path.join(workdir, "sets", image_set, "relabel")
+    if relabel.uses_hard_labels_only(config):  # recovery-only rows: nothing relabeled
+      assert results["relabel"][image_set] == {"mode": "hard_labels"} and not os.path.exists(relabel_dir)
+    else:
+      labels = artifacts.read_json(os.path.join(relabel_dir, "labels.json"))
+      assert labels["complete"] and labels["fingerprint"]["aggregation"] == config.relabel.aggregation
+      assert labels["fingerprint"]["views"]["patch_shuffle_grid"] == config.relabel.patch_shuffle_grid
     summary = results["train"][image_set]
     assert summary["protocol"] == config.train.protocol and 0.0 <= summary["best_top1"]["mean"] <= 1.0
   report = results["evaluate"]

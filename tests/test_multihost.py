@@ -5,12 +5,9 @@ The processes are started through the CLI as on multi-host GPU VMs and talk thro
 distributed runtime on a localhost coordinator (gloo collectives on CPU).
 """
 
-import importlib.util
 import io
 import json
 import os
-import socket
-import subprocess
 
 import numpy as np
 import pytest
@@ -19,12 +16,11 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import recover_utils as ru
-from cli_utils import REPO_ROOT, cli_command, cli_env
+from cli_utils import load_config, run_processes
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.stages import recover
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-TIMEOUT_S = 180
 
 # 4 classes x IPC 3 in chunks of 2 = 6 units on a 4-wide mesh: wave 0 holds the four T=6 units,
 # wave 1 the two T=4 units (rows 2-3 are padding: process 1 holds no real unit there).
@@ -63,44 +59,6 @@ def config_path(tmp_path_factory):
   path = root / "tiny_recover.py"
   path.write_text(CONFIG_TEMPLATE.format(tests_dir=TESTS_DIR, data=data, teachers=teachers))
   return str(path)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def run_processes(config_path: str, workdirs: list[str], devices_per_process: int = 2) -> list[str]:
-  """Runs the CLI as one cooperating process per work directory; returns their outputs."""
-  env = cli_env(devices_per_process)
-  env["JAX_PLATFORMS"] = "cpu"
-  coordinator = f"--coordinator_address=localhost:{_free_port()}"
-  procs = [subprocess.Popen(cli_command(config_path, workdir, coordinator, f"--num_processes={len(workdirs)}",
-                                        f"--process_id={i}"),
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i, workdir in enumerate(workdirs)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:  # a stuck or failed process leaves the others waiting on it
-        q.kill()
-      outputs = [q.communicate()[0] for q in procs]
-      break
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    if p.returncode != 0:
-      pytest.fail(f"process {i} of {len(workdirs)} failed (exit {p.returncode}); outputs:\n" +
-                  "\n".join(f"--- process {j} ---\n{o[-3000:]}" for j, o in enumerate(outputs)))
-  return outputs
-
-
-def load_config(config_path: str):
-  spec = importlib.util.spec_from_file_location("tiny_recover_config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,14 @@ def test_student_step_loss_is_the_protocol_loss_on_the_stored_views(relabeled):
   student_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
   expected = losses.mse_gt(student_logits, logits.astype(np.float32), hard, 0.1)
   assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+  assert 0.0 <= float(metrics["teacher_agreement"]) <= 1.0
+  # Hard labels only (no teacher logits at all): the loss is the CE of the same views.
+  _, metrics = student.student_train_step(state, images, params, hard, None, None, jax.random.key(1),
+                                          spec=spec, mean=dataset.mean, std=dataset.std, loss="ce",
+                                          gamma=0.1, temperature=20.0, accumulation=1)
+  assert float(metrics["loss"]) == pytest.approx(float(losses.hard_ce(student_logits, hard)), rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(float(expected), rel=1e-3)
+  assert "teacher_agreement" not in metrics
 
 
 def test_train_online_mode_runs_and_records_it(assets, tmp_path):
@@ -202,6 +210,28 @@ def test_train_online_mode_runs_and_records_it(assets, tmp_path):
   meta = artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", 0), train.STUDENT_FILE))
   assert meta["fingerprint"]["relabel_mode"] == "online" and len(meta["history"]) == 2
   assert 0.0 <= results["best_top1"]["mean"] <= 1.0
+
+
+def test_hard_label_protocol_trains_without_teachers_or_soft_labels(assets, tmp_path):
+  config = make_config(assets)
+  common.set_protocol(config, "hard_label")
+  config.train.epochs, config.train.batch_size = 2, 8
+  config.relabel.teachers_dir = str(tmp_path / "no_teachers_here")  # nothing may read it
+  workdir = str(tmp_path / "work")
+  assert relabel.run(config, workdir, mesh_lib.make_mesh(4))["random_real"] == {"mode": "hard_labels"}
+  assert not os.path.exists(os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel"))
+  results = train.run(config, workdir, mesh_lib.make_mesh(4))["random_real"]
+  meta = artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", 0), train.STUDENT_FILE))
+  fp = meta["fingerprint"]
+  assert fp["relabel_mode"] == "none" and "teachers" not in fp and fp["train"]["loss"] == "ce"
+  assert fp["views"] == {"rrc_scale": [0.08, 1.0], "flip": True, "cutmix": False, "patch_shuffle_grid": 0}
+  assert meta["protocol"] == "hard_label" and [h["epoch"] for h in meta["history"]] == [1.0, 2.0]
+  assert results["best_top1"]["values"] == [meta["best_top1"]]
+  # Switching the same work directory to soft labels is a different student, not "already trained".
+  soft = make_config(assets, epochs=2, batch_size=8)
+  soft.relabel.mode = "online"
+  with pytest.raises(artifacts.ArtifactError, match="student 'random_real' seed 0"):
+    train.run(soft, workdir, mesh_lib.make_mesh(4))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -269,6 +299,12 @@ def test_protocol_presets():
   assert (c.train.loss, c.train.temperature, c.relabel.aggregation, c.relabel.rrc_scale) == ("kl", 20.0, "single", (0.08, 1.0))
   common.set_protocol(c, "prism")
   assert (c.train.schedule, c.train.zeta, c.train.gamma, c.relabel.rrc_scale) == ("prism_cos2", 2.5, 0.1, (0.25, 1.0))
+  common.set_protocol(c, "hard_label")
+  assert (c.train.loss, c.relabel.teachers, c.relabel.cutmix, c.relabel.rrc_scale) == ("ce", (), False, (0.08, 1.0))
+  relabel.check_config(c)  # no teachers needed
+  c.train.loss, c.train.protocol = "mse_gt", "custom"
+  with pytest.raises(ValueError, match="relabel.teachers is empty"):
+    relabel.check_config(c)
   with pytest.raises(ValueError, match="train.protocol"):
     common.set_protocol(c, "fancy")
 

@@ -153,6 +153,11 @@ def test_losses_hand_cases():
   # KL(p_t || uniform) with p_t = softmax(2, 0) at T = 1, divided by the batch size 1.
   p = np.array([math.exp(2), 1.0]) / (math.exp(2) + 1)
   assert float(losses.kl_soft(zs, zt, 1.0)) == pytest.approx(float(np.sum(p * np.log(p / 0.5))), rel=1e-5)
+  # ce reads no teacher: z_s = (0, 0) -> log 2 for either label; z_s = (log 3, 0), label 0 -> log(4/3).
+  assert float(losses.student_loss("ce", zs, None, jnp.array([1]), gamma=0.5, temperature=1.0)) == pytest.approx(
+      math.log(2), rel=1e-6)
+  two = jnp.array([[math.log(3), 0.0], [0.0, 0.0]])
+  assert float(losses.hard_ce(two, jnp.array([0, 1]))) == pytest.approx((math.log(4 / 3) + math.log(2)) / 2, rel=1e-6)
   # batchmean: duplicating the batch leaves the value unchanged.
   assert float(losses.kl_soft(jnp.tile(zs, (3, 1)), jnp.tile(zt, (3, 1)), 1.0)) == pytest.approx(
       float(losses.kl_soft(zs, zt, 1.0)), rel=1e-6)
@@ -162,6 +167,8 @@ def test_loss_errors():
   z = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match=r"train\.loss='dist'.*mse_gt"):
     losses.student_loss("dist", z, z, jnp.zeros(2, jnp.int32), gamma=0.1, temperature=1.0)
+  with pytest.raises(ValueError, match=r"train\.loss='kl' needs teacher logits"):
+    losses.student_loss("kl", z, None, jnp.zeros(2, jnp.int32), gamma=0.1, temperature=1.0)
   with pytest.raises(ValueError, match="same"):
     losses.student_loss("kl", z, jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32), gamma=0.1, temperature=1.0)
 

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, fs
 
 RECOVER = "recover"
 RANDOM_REAL = "random_real"
@@ -71,9 +71,9 @@ def random_real(dataset, ipc: int, seed: int) -> ImageSet:
 
 
 def load_npz(path: str, name: str) -> ImageSet:
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path}: no image set here")
-  with np.load(path, allow_pickle=False) as z:
+  with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
     missing = [k for k in ("images", "labels", "class_names") if k not in z.files]
     if missing:
       raise artifacts.ArtifactError(f"{path}: missing arrays {missing}; expected images, labels, class_names")
@@ -91,7 +91,7 @@ def load(name: str, *, workdir: str, dataset, ipc: int, seed: int) -> ImageSet:
   """Opens image set `name` and checks it matches the dataset's class order and image size."""
   if name == RECOVER:
     path = os.path.join(workdir, "recover", "images.npz")
-    if not os.path.exists(os.path.join(workdir, "recover", "recover.json")):
+    if not fs.exists(os.path.join(workdir, "recover", "recover.json")):
       raise artifacts.ArtifactError(f"{os.path.join(workdir, 'recover')}: no finished recovered set; "
                                     "run the recover stage first (--config.stage=recover)")
     image_set = load_npz(path, RECOVER)

@@ -20,6 +20,7 @@ Sources (`data.source`); nothing is ever downloaded:
                order is class-major. Decoded with Pillow, converted to RGB.
   tfds         a prepared TFDS dataset `data.name` in `data.tfds_data_dir`, read with random access
                (array_record); a small dataset prepared as tfrecord only is read into memory once.
+`data.path` may be local or a URL (gs://...; read through io/fs.py); TFDS reads a gs:// data_dir itself.
 
 Image size S = data.image_size, or the source's native size when 0:
   * fixed-shape sources (digits, arrays, TFDS features with a static shape): images already S x S are
@@ -53,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from prism_jax.data import stats
+from prism_jax.io import fs
 
 SOURCES = ("digits", "arrays", "imagefolder", "tfds")
 SPLITS = ("train", "test")
@@ -155,7 +157,7 @@ class _ArraySplit:
 
 def _decode(path: str) -> np.ndarray:
   try:
-    with Image.open(path) as im:
+    with fs.open(path, "rb") as f, Image.open(f) as im:
       return np.asarray(im.convert("RGB"))
   except Exception as e:  # Pillow raises several types for corrupt or truncated files
     raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
@@ -374,7 +376,7 @@ def _npz_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtyp
 
 def _npz_member(path: str, key: str) -> np.ndarray:
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
       return data[key]
   except Exception as e:  # truncated/corrupt archive members, object arrays, ...
     raise ValueError(f"{path}: cannot read field '{key}' ({type(e).__name__}: {e}); "
@@ -382,11 +384,11 @@ def _npz_member(path: str, key: str) -> np.ndarray:
 
 
 def _inspect_npz(path: str, split: str) -> dict:
-  if not os.path.isfile(path):
+  if not fs.exists(path) or fs.isdir(path):
     raise ValueError(f"{path}: file not found; expected the {split} split as an .npz file with fields "
                      f"{', '.join(_ARRAY_FIELDS)} (data.path is the directory holding train.npz and test.npz)")
   try:
-    with zipfile.ZipFile(path) as zf:
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
       members = {name[:-4] for name in zf.namelist() if name.endswith(".npy")}
       shape, dtype = _npz_header(zf, "images") if "images" in members else (None, None)
   except Exception as e:  # not a zip, truncated, corrupt .npy header, ...
@@ -460,7 +462,9 @@ def _open_arrays(config, image_size: int, max_per_class: int) -> Dataset:
 # imagefolder -----------------------------------------------------------------
 
 def _list_dirs(path: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+  names = [name for name in fs.listdir(path) if not name.startswith(".")]
+  is_dir = _map_images(fs.isdir, [os.path.join(path, name) for name in names])  # one request each on gs://
+  return [name for name, d in zip(names, is_dir) if d]
 
 
 def _open_imagefolder(config, image_size: int, max_per_class: int) -> Dataset:
@@ -468,13 +472,13 @@ def _open_imagefolder(config, image_size: int, max_per_class: int) -> Dataset:
   if not root:
     raise ValueError("data.path is empty: expected the directory holding train/<class>/ and test/<class>/ "
                      "for data.source='imagefolder'")
-  if not os.path.isdir(root):
+  if not fs.isdir(root):
     raise ValueError(f"{root}: directory not found (data.path); expected train/<class>/ and test/<class>/ in it")
   split_dirs = {}
   for split, key in (("train", "train_split"), ("test", "test_split")):
     wanted = _field(config, key)
     candidates = [wanted] + (["val", "validation"] if wanted == "test" else [])
-    found = [os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))]
+    found = [os.path.join(root, c) for c in candidates if fs.isdir(os.path.join(root, c))]
     if not found:
       raise ValueError(f"{os.path.join(root, wanted)}: split directory not found (data.{key}={wanted!r}); "
                        f"expected {'/'.join(candidates)}/<class>/<images> under data.path")
@@ -492,9 +496,9 @@ def _open_imagefolder(config, image_size: int, max_per_class: int) -> Dataset:
     files[split], labels[split] = [], []
     for label, name in enumerate(class_names):
       class_dir = os.path.join(split_dir, name)
-      if not os.path.isdir(class_dir):
+      if name not in folders:
         continue
-      images = sorted(f for f in os.listdir(class_dir)
+      images = sorted(f for f in fs.listdir(class_dir)
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
       if not images:
         raise ValueError(f"{class_dir}: no image files; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")

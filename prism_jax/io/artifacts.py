@@ -1,8 +1,8 @@
 """Work-directory layout, atomic writes and consistency checks for stage artifacts.
 
-Every artifact is written to a temporary sibling and moved into place with `os.replace`, so a
-reader never sees a half-written file: a file that exists is complete. Stages mark completion
-by writing their metadata JSON last.
+Every artifact appears complete or not at all, so a reader never sees a half-written file: a file
+that exists is complete. Stages mark completion by writing their metadata JSON last. Paths may be
+local or remote (gs://...; see io/fs.py), and every read and write goes through `fs`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from prism_jax.io import fs
+
 
 class ArtifactError(ValueError):
   """An artifact is missing, corrupt or inconsistent with the requested configuration."""
@@ -23,16 +25,28 @@ class ArtifactError(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path in the same directory; renames it to `path` on success."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  """Yields a temporary local path to write; on success its content becomes `path` in one step.
+
+  Local `path`: the temporary file is a sibling, fsynced and moved into place with `os.replace`.
+  Remote `path` (gs://...): an object store has no atomic rename (a gs:// rename is copy + delete),
+  but an object becomes visible only when its upload completes. So the file is staged in the local
+  temporary directory and uploaded straight to `path` once it is whole: a reader sees the previous
+  object or the new one, never part of it, and a writer that fails uploads nothing. (Writing through
+  an open remote file would not do: closing it after an error uploads what was written so far.)
+  """
+  remote = fs.is_remote(path)
+  directory = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(path))
+  fs.makedirs(os.path.dirname(path) if remote else directory)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
   os.close(fd)
   try:
     yield tmp
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if remote:
+      fs.upload(tmp, path)
+    else:
+      with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -50,7 +64,7 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_json(path: str) -> Any:
   try:
-    with open(path) as f:
+    with fs.open(path, "r") as f:
       return json.load(f)
   except FileNotFoundError:
     raise ArtifactError(f"{path}: file not found") from None
@@ -70,7 +84,7 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fs.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()

@@ -6,14 +6,24 @@ moment leaves either the previous checkpoint or the new one, never a half-writte
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from prism_jax.io import fs
+
+# URL schemes orbax can use: those etils.epath knows (etils/epath/gpath.py, _URI_SCHEMES).
+# Other tf.io.gfile schemes (ram://) hold artifacts but not checkpoints.
+ORBAX_SCHEMES = ("gs", "s3", "az", "hf")
+
 
 def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
+  scheme = directory.split("://", 1)[0] if fs.is_remote(directory) else None
+  if scheme is not None and scheme not in ORBAX_SCHEMES:
+    raise ValueError(f"{directory}: orbax checkpoints need a local or gs:// directory, not {scheme}:// (orbax's "
+                     f"etils.epath knows only {', '.join(s + '://' for s in ORBAX_SCHEMES)}); the squeeze and "
+                     "train stages checkpoint, so give them such a --workdir")
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.AnySavePolicy([
@@ -26,7 +36,7 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
       # finished save() call means the step is durable.
       enable_async_checkpointing=False,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(fs.abspath(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:

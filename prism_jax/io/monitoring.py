@@ -10,9 +10,16 @@ from clu import metric_writers
 
 
 def create_writer(logdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + log writer on process 0; other processes only log (clu's convention)."""
-  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0,
-                                              asynchronous=False)
+  """TensorBoard + log writer on process 0; other processes only log (clu's convention).
+
+  `logdir` may be local or any URL TensorFlow's file systems know (gs://, ram://). The writers are
+  the ones `metric_writers.create_default_writer(logdir, asynchronous=False)` builds, made here
+  because that function parses `logdir` with etils.epath, which knows only gs/s3/az/hf URLs.
+  """
+  writers = [metric_writers.LoggingWriter()]
+  if jax.process_index() == 0:
+    writers.append(metric_writers.SummaryWriter(logdir))
+  return metric_writers.MultiWriter(writers)
 
 
 def format_duration(seconds: float) -> str:

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, fs
 
 VARIABLES_FILE = "variables.msgpack"
 META_FILE = "teacher.json"
 
 
 def is_complete(teacher_dir: str) -> bool:
-  return os.path.exists(os.path.join(teacher_dir, META_FILE))
+  return fs.exists(os.path.join(teacher_dir, META_FILE))
 
 
 def save_teacher(teacher_dir: str, *, name: str, variables: Mapping[str, Any],
@@ -44,7 +44,7 @@ def save_teacher(teacher_dir: str, *, name: str, variables: Mapping[str, Any],
 
 def load_meta(teacher_dir: str) -> dict[str, Any]:
   path = os.path.join(teacher_dir, META_FILE)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise artifacts.ArtifactError(
         f"{path}: no finished teacher here (run the squeeze stage, or import torchvision weights "
         "with `python -m prism_jax.tools.import_torchvision`)")
@@ -58,7 +58,7 @@ def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None
   meta = load_meta(teacher_dir)
   path = os.path.join(teacher_dir, VARIABLES_FILE)
   try:
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
     raise artifacts.ArtifactError(f"{path}: variables file missing") from None

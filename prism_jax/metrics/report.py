@@ -12,7 +12,7 @@ import numbers
 import os
 from typing import Any, Mapping, Sequence
 
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, fs
 
 MISSING = "-"
 
@@ -90,7 +90,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 
 
 def _picture_link(caption: str, picture_path: str, report_dir: str) -> str:
-  relative = os.path.relpath(os.path.abspath(picture_path), report_dir).replace(os.sep, "/")
+  relative = fs.relpath(picture_path, report_dir)
   if any(ch in relative for ch in " ()"):
     relative = f"<{relative}>"
   caption = str(caption).replace("[", "\\[").replace("]", "\\]")
@@ -103,7 +103,7 @@ def write_report(path: str, title: str, rows: Sequence[Mapping[str, Any]], colum
 
   `pictures` is a sequence of (caption, path to the PNG). Returns the report's text.
   """
-  report_dir = os.path.dirname(os.path.abspath(path))
+  report_dir = os.path.dirname(fs.abspath(path))
   parts = [f"# {title}", markdown_table(rows, columns)]
   for i, picture in enumerate(pictures):
     if not (isinstance(picture, (tuple, list)) and len(picture) == 2):

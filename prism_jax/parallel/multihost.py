@@ -64,6 +64,32 @@ def broadcast_from_main(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def check_shared_directory(directory: str, stage: str) -> None:
+  """Raises ValueError on every process unless every process sees process 0's files in `directory`.
+
+  Recovery needs no shared work directory (process 0 gathers the images), but the later stages
+  read what process 0 wrote (recovered images, soft labels) and write orbax checkpoints together.
+  """
+  if jax.process_count() == 1:
+    return
+  from prism_jax.io import artifacts  # a leaf module; imported here to keep parallel/ free of io/ at import
+  token = broadcast_from_main(int.from_bytes(os.urandom(3), "little"))
+  path = os.path.join(directory, ".shared_check.json")
+  if is_main_process():
+    artifacts.write_json(path, {"token": token})
+  barrier(f"shared_check:{stage}")
+  try:
+    seen = artifacts.read_json(path).get("token") == token
+  except artifacts.ArtifactError:
+    seen = False
+  sees = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  blind = [i for i, ok in enumerate(sees) if not ok]
+  if blind:
+    raise ValueError(f"--workdir={directory}: process(es) {blind} do not see the files process 0 writes "
+                     f"there; the {stage} stage of a multi-process run needs one work directory shared by "
+                     "every process (a gs:// bucket or the same shared mount on every host)")
+
+
 def gather_global_batch(local_rows, global_batch: int, mesh) -> dict:
   """Every process's rows of a data-sharded batch, in global row order, on every process.
 

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, fs
 
 INDEX_FILE = "labels.json"
 SHARD_KEYS = ("indices", "crop", "flip", "patch_perm", "cutmix_box", "cutmix_perm", "cutmix_lam", "logits")
@@ -28,7 +28,7 @@ def shard_name(epoch: int) -> str:
 
 def read_index(directory: str) -> dict | None:
   path = os.path.join(directory, INDEX_FILE)
-  return artifacts.read_json(path) if os.path.exists(path) else None
+  return artifacts.read_json(path) if fs.exists(path) else None
 
 
 def write_index(directory: str, index: dict) -> None:
@@ -50,7 +50,7 @@ def read_shard(directory: str, epoch: int, index: dict) -> dict:
   name = shard_name(epoch)
   path = os.path.join(directory, name)
   expected = index.get("shards", {}).get(name)
-  if expected is None or not os.path.exists(path):
+  if expected is None or not fs.exists(path):
     raise artifacts.ArtifactError(
         f"{path}: missing soft-label shard for epoch {epoch}; rerun the relabel stage "
         "(--config.stage=relabel) to finish it")
@@ -58,7 +58,7 @@ def read_shard(directory: str, epoch: int, index: dict) -> dict:
   if found != expected:
     raise artifacts.ArtifactError(f"{path}: checksum {found[:12]}... does not match the index "
                                   f"({expected[:12]}...); the shard is corrupt: delete it and rerun relabel")
-  with np.load(path, allow_pickle=False) as z:
+  with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
     return {k: z[k] for k in SHARD_KEYS}
 
 

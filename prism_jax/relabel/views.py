@@ -55,6 +55,10 @@ class ViewParams(NamedTuple):
   cutmix_lam: jax.Array    # float32 () fraction of each image that stays its own
 
 
+# The ViewParams fields with one row per image (sharded with the batch); the others are per batch.
+PER_IMAGE_FIELDS = ("crop", "flip", "patch_perm", "cutmix_perm")
+
+
 def batch_key(seed: int, epoch: int, batch: int) -> jax.Array:
   key = jax.random.fold_in(jax.random.key(seed), _RELABEL_STREAM)
   return jax.random.fold_in(jax.random.fold_in(key, epoch), batch)

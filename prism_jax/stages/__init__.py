@@ -42,4 +42,7 @@ def run_stage(name: str, config, workdir: str, mesh):
   if name not in AVAILABLE:
     raise NotImplementedError(f"stage={name!r} is not available in this version of prism_jax "
                               f"(available: {AVAILABLE})")
+  if name != "recover":  # recovery alone needs no shared work directory (process 0 gathers its images)
+    from prism_jax.parallel import multihost
+    multihost.check_shared_directory(workdir, name)
   return importlib.import_module(f"prism_jax.stages.{name}").run(config, workdir, mesh)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from prism_jax.data import image_sets, sources
-from prism_jax.io import artifacts, teacher_store
+from prism_jax.io import artifacts, fs, teacher_store
 from prism_jax.metrics import diversity, pictures, report
 from prism_jax.stages import train as train_stage
 
@@ -26,7 +26,7 @@ COLUMNS = ("method", "images", "top1_best", "top1_last", "intra_cos", "inter_cos
 
 
 def _read_optional(path: str):
-  return artifacts.read_json(path) if os.path.exists(path) else None
+  return artifacts.read_json(path) if fs.exists(path) else None
 
 
 def _set_sources(config, workdir: str):
@@ -50,8 +50,8 @@ def _stage_seconds(workdir: str, set_name: str) -> dict:
   summary = _read_optional(os.path.join(set_path, "train", train_stage.SUMMARY_FILE))
   throughput = None
   manifest = os.path.join(workdir, "recover", "manifest.jsonl")
-  if recover and os.path.exists(manifest) and recover["wall_seconds_last_run"] > 0:
-    with open(manifest) as f:
+  if recover and fs.exists(manifest) and recover["wall_seconds_last_run"] > 0:
+    with fs.open(manifest, "r") as f:
       image_iterations = sum(json.loads(line)["iterations"] for line in f if line.strip())
     throughput = image_iterations / recover["wall_seconds_last_run"]
   return {"recover_s": recover["wall_seconds_last_run"] if recover else None, "recover_img_it_s": throughput,

@@ -32,7 +32,7 @@ import numpy as np
 
 from prism_jax.data import sources
 from prism_jax.data import stats as data_stats
-from prism_jax.io import artifacts, monitoring, teacher_store
+from prism_jax.io import artifacts, fs, monitoring, teacher_store
 from prism_jax.models import bn_stats
 from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.recover import engine, export, schedule, selection
@@ -156,7 +156,7 @@ def run(config, workdir: str, mesh) -> dict:
   done_path = os.path.join(out_dir, DONE_FILE)
   # Process 0's marker decides for every process (their work directories need not be shared).
   meta, refused = None, None
-  if multihost.is_main_process() and os.path.exists(done_path):
+  if multihost.is_main_process() and fs.exists(done_path):
     meta = artifacts.read_json(done_path)
     try:
       artifacts.check_same("the recovered set", done_path, fp, meta["fingerprint"])
@@ -167,7 +167,7 @@ def run(config, workdir: str, mesh) -> dict:
     raise refused or artifacts.ArtifactError(
         f"{done_path}: process 0 holds a finished recovery made with another config (see its error)")
   if status == 1:
-    if meta is None and os.path.exists(done_path):
+    if meta is None and fs.exists(done_path):
       meta = artifacts.read_json(done_path)
     if meta is None:  # this process cannot see process 0's work directory
       print(f"[recover] already done (process 0's {done_path})", flush=True)
@@ -186,9 +186,9 @@ def run(config, workdir: str, mesh) -> dict:
       raise ValueError(f"recover.ipc={rc.ipc} with recover.init='real' needs {rc.ipc} training images "
                        f"per class, but class {smallest} ('{dataset.class_names[smallest]}') has only "
                        f"{per_class[smallest]}")
-  os.makedirs(os.path.join(out_dir, "waves"), exist_ok=True)
+  fs.makedirs(os.path.join(out_dir, "waves"))
   run_path = os.path.join(out_dir, "run.json")
-  if os.path.exists(run_path):
+  if fs.exists(run_path):
     artifacts.check_same("the recovery in progress", run_path, fp, artifacts.read_json(run_path))
   elif jax.process_index() == 0:
     artifacts.write_json(run_path, fp)
@@ -335,8 +335,8 @@ def _wave_path(out_dir: str, wave: schedule.Wave, partial: bool = False) -> str:
 
 def _load_npz(path: str) -> dict:
   try:
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
   except Exception as e:  # a truncated or corrupt file: name it, never reuse it silently
     raise artifacts.ArtifactError(f"{path}: unreadable wave file ({e}); delete it to recompute "
                                   "this wave") from None
@@ -374,7 +374,7 @@ def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, 
   padded = list(wave.units) + [wave.units[0]] * (wave.width - len(wave.units))
   local_units = padded[rows]
   is_real = np.asarray([rows.start + j < len(wave.units) for j in range(len(local_units))])
-  if os.path.exists(final_path):
+  if fs.exists(final_path):
     saved = _load_npz(final_path)
     return _local_result(saved, float(saved["seconds"]))
 
@@ -393,7 +393,7 @@ def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, 
   keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(_unit_key(config.seed, u), 0)))
                    for u in local_units])
   partial_path = _wave_path(out_dir, wave, partial=True)
-  if os.path.exists(partial_path):
+  if fs.exists(partial_path):
     saved = _load_npz(partial_path)
     t0 = int(saved.pop("iteration"))
     host_state = {k: saved[k] for k in _STATE_KEYS}
@@ -446,8 +446,8 @@ def run_wave(wave: schedule.Wave, order, pieces, unit_weights, config, dataset, 
                       ipc_index=np.asarray([u.ipc_index for u in local_units], np.int32),
                       chunk=np.asarray([u.chunk for u in local_units], np.int32),
                       is_real=is_real)
-  if os.path.exists(partial_path):
-    os.remove(partial_path)
+  if fs.exists(partial_path):
+    fs.remove(partial_path)
   return _local_result(host, seconds)
 
 
@@ -470,7 +470,7 @@ def load_wave_images(workdir: str) -> dict[tuple[int, int], np.ndarray]:
   """Final float images of every finished unit, keyed by (ipc_index, chunk)."""
   wave_dir = os.path.join(stage_dir(workdir), "waves")
   out = {}
-  for name in sorted(os.listdir(wave_dir)):
+  for name in fs.listdir(wave_dir):
     if name.endswith(".npz") and ".partial" not in name:
       saved = _load_npz(os.path.join(wave_dir, name))
       for j in np.flatnonzero(saved["is_real"]):

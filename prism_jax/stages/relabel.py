@@ -19,9 +19,9 @@ import numpy as np
 
 from prism_jax.data import image_sets, sources
 from prism_jax.io import artifacts, monitoring, teacher_store
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.relabel import aggregate, labeler, store, views
-from prism_jax.train import protocols
+from prism_jax.train import losses, protocols
 
 MODES = ("stored", "online")
 
@@ -44,7 +44,9 @@ def check_config(config) -> None:
     raise ValueError(f"relabel.mode={rl.mode!r}: expected one of {MODES}")
   if rl.aggregation not in aggregate.AGGREGATIONS:
     raise ValueError(f"relabel.aggregation={rl.aggregation!r}: expected one of {aggregate.AGGREGATIONS}")
-  if not rl.teachers:
+  if tr.loss not in losses.LOSSES:
+    raise ValueError(f"train.loss={tr.loss!r}: expected one of {losses.LOSSES}")
+  if not rl.teachers and not uses_hard_labels_only(config):
     raise ValueError("relabel.teachers is empty: expected at least one teacher name")
   if rl.aggregation == "single" and len(rl.teachers) != 1:
     raise ValueError(f"relabel.aggregation='single' uses one teacher, got relabel.teachers={tuple(rl.teachers)}")
@@ -53,6 +55,11 @@ def check_config(config) -> None:
   protocols.check(config)
   if not config.image_sets:
     raise ValueError("image_sets is empty: expected e.g. ('recover',) or ('recover', 'random_real')")
+
+
+def uses_hard_labels_only(config) -> bool:
+  """True when the student loss reads no teacher logits (`train.loss='ce'`): nothing to relabel."""
+  return config.train.loss in losses.HARD_LABEL_LOSSES
 
 
 def plan_shape(image_set, batch_size: int) -> int:
@@ -78,12 +85,18 @@ def load_teacher_set(names, directory: str, dataset):
   return tuple(models), tuple(variables), sums
 
 
+def view_settings(config) -> dict:
+  """The relabel fields that decide the student's views."""
+  rl = config.relabel
+  return {"rrc_scale": list(rl.rrc_scale), "flip": bool(rl.flip), "cutmix": bool(rl.cutmix),
+          "patch_shuffle_grid": int(rl.patch_shuffle_grid)}
+
+
 def fingerprint(config, dataset, image_set, teacher_sums: dict) -> dict:
   rl, tr = config.relabel, config.train
   return {"image_set": image_set.fingerprint(), "class_names": list(dataset.class_names),
           "teachers": teacher_sums, "aggregation": rl.aggregation,
-          "views": {"rrc_scale": list(rl.rrc_scale), "flip": bool(rl.flip), "cutmix": bool(rl.cutmix),
-                    "patch_shuffle_grid": int(rl.patch_shuffle_grid), "image_size": dataset.image_size},
+          "views": {**view_settings(config), "image_size": dataset.image_size},
           "seed": config.seed, "batch_size": tr.batch_size, "epochs": tr.epochs,
           "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
 
@@ -113,6 +126,9 @@ def run(config, workdir: str, mesh) -> dict:
 def relabel_set(config, workdir: str, dataset, image_set, mesh) -> dict:
   rl, tr = config.relabel, config.train
   tag = f"relabel {image_set.name}"
+  if uses_hard_labels_only(config):
+    print(f"[{tag}] train.loss={tr.loss!r} trains on hard labels: no soft labels to make", flush=True)
+    return {"mode": "hard_labels"}
   if rl.mode == "online":
     print(f"[{tag}] online mode: soft labels are computed inside the student step", flush=True)
     return {"mode": "online"}
@@ -122,7 +138,8 @@ def relabel_set(config, workdir: str, dataset, image_set, mesh) -> dict:
   index = store.read_index(out_dir)
   if index is not None:
     artifacts.check_same("the soft labels", os.path.join(out_dir, store.INDEX_FILE), fp, index["fingerprint"])
-    if index.get("complete"):
+    # Process 0's index decides for every process, so all of them run the same batches.
+    if multihost.broadcast_from_main(bool(index.get("complete"))):
       print(f"[{tag}] already done: {tr.epochs} epochs in {out_dir}", flush=True)
       return index
   else:
@@ -148,7 +165,7 @@ def relabel_set(config, workdir: str, dataset, image_set, mesh) -> dict:
   start, computed = time.perf_counter(), 0
   for epoch in range(tr.epochs):
     name = store.shard_name(epoch)
-    if name in index["shards"]:
+    if multihost.broadcast_from_main(name in index["shards"]):
       continue
     rows = {k: [] for k in store.SHARD_KEYS}
     agree = 0.0

@@ -22,8 +22,8 @@ import numpy as np
 
 from prism_jax import models
 from prism_jax.data import image_sets, pipeline, sources
-from prism_jax.io import artifacts, monitoring
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.io import artifacts, fs, monitoring
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.relabel import store, views
 from prism_jax.stages import relabel as relabel_stage
 from prism_jax.train import loop, optim, schedules, steps, student
@@ -55,8 +55,6 @@ def training_mesh(mesh, batch_size: int, accumulation: int):
 
 def check_config(config) -> None:
   tr = config.train
-  if tr.loss not in ("mse_gt", "kl"):
-    raise ValueError(f"train.loss={tr.loss!r}: expected 'mse_gt' or 'kl'")
   if tr.accumulation < 1 or tr.batch_size % tr.accumulation:
     raise ValueError(f"train.accumulation={tr.accumulation}: expected a divisor of train.batch_size="
                      f"{tr.batch_size}")
@@ -70,7 +68,12 @@ def check_config(config) -> None:
 
 def recipe(config) -> dict:
   tr = {k: v for k, v in config.train.to_dict().items() if k not in _NON_RECIPE_FIELDS}
-  return {"train": tr, "relabel_mode": config.relabel.mode}
+  rl = config.relabel
+  if relabel_stage.uses_hard_labels_only(config):
+    mode, labels = "none", {}
+  else:
+    mode, labels = rl.mode, {"teachers": list(rl.teachers), "aggregation": rl.aggregation}
+  return {"train": tr, "relabel_mode": mode, "views": relabel_stage.view_settings(config), **labels}
 
 
 def run(config, workdir: str, mesh) -> dict:
@@ -165,10 +168,11 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
   spec = relabel_stage.view_spec(config, dataset)
   fp = {"image_set": image_set.fingerprint(), "data": dataset.fingerprint(), "seed": seed,
         "relabel_seed": config.seed, **recipe(config)}
-  online = rl.mode == "online"
-  labels = None if online else _StoredLabels(config, workdir, dataset, image_set)
+  hard_only = relabel_stage.uses_hard_labels_only(config)
+  online = rl.mode == "online" and not hard_only
+  labels = None if online or hard_only else _StoredLabels(config, workdir, dataset, image_set)
   done_path = os.path.join(out_dir, STUDENT_FILE)
-  if os.path.exists(done_path):
+  if multihost.broadcast_from_main(fs.exists(done_path)):  # process 0 decides for all
     meta = artifacts.read_json(done_path)
     artifacts.check_same(f"student '{image_set.name}' seed {seed}", done_path, fp, meta["fingerprint"])
     print(f"[{tag}] already trained: best top-1 {meta['best_top1']:.4f}, last {meta['last_top1']:.4f}", flush=True)
@@ -205,16 +209,25 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
       out_shardings=(replicated, replicated), donate_argnums=0)
   images_host, hard_host = image_set.images, image_set.labels
 
+  # Each process feeds only the rows its own devices hold (multi-host: no process reads another's).
+  local_rows = mesh_lib.local_batch_slice(tr.batch_size, train_mesh)
+
+  def feed(rows):
+    return None if rows is None else mesh_lib.put_global_batch(np.asarray(rows)[local_rows], tr.batch_size,
+                                                               train_mesh)
+
   def get_batch(step_index: int):
     epoch, b = divmod(step_index, batches)
-    if online:
+    if labels is None:  # online soft labels or hard labels: the plan is drawn here
       indices, params = relabel_stage.draw_batch(image_set.num_images, tr.batch_size, spec, config.seed, epoch, b)
       logits = None
       images, hard = images_host[indices], hard_host[indices]
     else:
       images, params, hard, logits = stored_batch(labels.epoch(epoch), b, images_host, hard_host)
-    put = lambda a: None if a is None else mesh_lib.replicate(a, train_mesh)  # no cross-process check
-    return put(images), jax.tree_util.tree_map(put, params), put(hard), put(logits), teacher_vars
+    params = views.ViewParams(**{
+        k: feed(v) if k in views.PER_IMAGE_FIELDS else mesh_lib.replicate(np.asarray(v), train_mesh)
+        for k, v in params._asdict().items()})
+    return feed(images), params, feed(hard), feed(logits), teacher_vars
 
   eval_step = jax.jit(functools.partial(steps.classification_eval_step, mean=dataset.mean, std=dataset.std),
                       in_shardings=(replicated,) + (mesh_lib.data_sharding(train_mesh),) * 3,
@@ -231,9 +244,10 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
       eval_every_steps=int(round(tr.eval_every_epochs * batches)),
       checkpoint_every_steps=tr.checkpoint_every_steps, keep_checkpoints=tr.keep_checkpoints,
       items_per_step=tr.batch_size, progress_interval_s=config.progress_interval_s)
+  labels_kind = "hard labels only" if hard_only else f"{'online' if online else 'stored'} soft labels"
   print(f"[{tag}] {tr.student} ({tr.protocol} protocol, {tr.loss} loss, {tr.schedule} schedule) on "
         f"{image_set.num_images} images: {total_steps} steps ({tr.epochs} epochs x {batches}), batch "
-        f"{tr.batch_size}, {'online' if online else 'stored'} soft labels, {train_mesh.devices.size} device(s)",
+        f"{tr.batch_size}, {labels_kind}, {train_mesh.devices.size} device(s)",
         flush=True)
   start = time.perf_counter()
   state, history, timing = loop.train_loop(

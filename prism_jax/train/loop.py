@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from prism_jax.io import artifacts, checkpoint, monitoring
+from prism_jax.io import artifacts, checkpoint, fs, monitoring
 
 RUN_FILE = "run.json"
 
@@ -46,7 +46,7 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   run_path = os.path.join(checkpoint_dir, RUN_FILE)
   manager = checkpoint.create_manager(checkpoint_dir, save_every_steps=settings.checkpoint_every_steps,
                                       keep=settings.keep_checkpoints)
-  if os.path.exists(run_path):
+  if fs.exists(run_path):
     artifacts.check_same("the checkpoint in progress", run_path, run_fingerprint, artifacts.read_json(run_path))
   elif jax.process_index() == 0:
     artifacts.write_json(run_path, run_fingerprint)

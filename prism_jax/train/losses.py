@@ -1,4 +1,5 @@
-"""Student distillation losses (SPEC 6): PRISM/G-VBSM `mse_gt` and SRe2L `kl`.
+"""Student losses (SPEC 6): PRISM/G-VBSM `mse_gt` and SRe2L `kl` distill teacher logits; `ce` trains
+on the hard labels alone (the paper's recovery-only Table 2 setting: no knowledge distillation).
 
 Both follow the official PyTorch reductions (`Brian-Moser/prism` validate/train_FKD_parallel.py
 L346, L396-L403) and are computed in float32, since stored teacher logits arrive as float16.
@@ -10,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LOSSES = ("mse_gt", "kl")
+LOSSES = ("mse_gt", "kl", "ce")
+# Losses that read no teacher logits: no relabel stage, no teachers in the student step.
+HARD_LABEL_LOSSES = ("ce",)
 
 
 def _as_f32(*arrays):
@@ -26,8 +29,7 @@ def mse_gt(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Arr
   """
   student_logits, teacher_logits = _as_f32(student_logits, teacher_logits)
   mse = jnp.mean(jnp.square(student_logits - teacher_logits))
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(student_logits, jnp.asarray(labels)))
-  return mse + gamma * ce
+  return mse + gamma * hard_ce(student_logits, labels)
 
 
 def kl_soft(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
@@ -42,9 +44,20 @@ def kl_soft(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
   return kl / student_logits.shape[0]
 
 
-def student_loss(name: str, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+def hard_ce(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy with the hard labels (each view keeps its source image's class)."""
+  (student_logits,) = _as_f32(student_logits)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(student_logits, jnp.asarray(labels)))
+
+
+def student_loss(name: str, student_logits: jax.Array, teacher_logits: jax.Array | None, labels: jax.Array,
                  *, gamma: float, temperature: float) -> jax.Array:
-  """The loss `name` (`train.loss`): `mse_gt` uses gamma and labels, `kl` uses temperature."""
+  """The loss `name` (`train.loss`): `mse_gt` uses gamma and labels, `kl` uses temperature, `ce` only
+  the labels (`teacher_logits` may be None)."""
+  if name == "ce":
+    return hard_ce(student_logits, labels)
+  if teacher_logits is None:
+    raise ValueError(f"train.loss={name!r} needs teacher logits")
   if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
     raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape}: "
                      "expected the same (batch, classes) shape")

@@ -9,7 +9,7 @@ batch size, teachers, student) may be shrunk or changed freely. Name a hand-made
 
 from __future__ import annotations
 
-PROTOCOLS = ("prism", "sre2l", "rd3")
+PROTOCOLS = ("prism", "sre2l", "rd3", "hard_label")
 CUSTOM = "custom"
 
 # Fields that define each protocol (everything else may be customized under the same name).
@@ -26,6 +26,9 @@ def apply(config, protocol: str):
          (batch 1024 on ImageNet; set train.batch_size)
   rd3    resnet18 soft labels, PatchShuffle (2x2) + RRC 0.5-1 + flip + CutMix, KL (T 20), 400 epochs,
          batch 50 and smoothed cosine zeta 1 for a resnet18 student, else batch 100 and zeta 2
+  hard_label  no teachers, no soft labels (the paper's "recovery-only" Table 2 setting): CE on the
+         images' own classes, RRC 0.08-1 + flip (no CutMix: a mixed view has no single hard label),
+         cosine, batch 128, 300 epochs. The paper does not state this recipe; these are our choices.
   """
   rl, tr = config.relabel, config.train
   tr.protocol = protocol
@@ -45,6 +48,9 @@ def apply(config, protocol: str):
     tr.loss, tr.temperature, tr.epochs, tr.schedule = "kl", 20.0, 400, "smoothed_cosine"
     small = tr.student == "resnet18"
     tr.batch_size, tr.zeta = (50, 1.0) if small else (100, 2.0)
+  elif protocol == "hard_label":
+    rl.teachers, rl.aggregation, rl.rrc_scale, rl.cutmix = (), "mean", (0.08, 1.0), False
+    tr.loss, tr.batch_size, tr.epochs, tr.schedule, tr.zeta = "ce", 128, 300, "cosine", 0.0
   else:
     raise ValueError(f"train.protocol={protocol!r}: expected one of {PROTOCOLS}")
   return config

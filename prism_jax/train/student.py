@@ -44,11 +44,15 @@ def student_train_step(state: StudentState, images_u8: jax.Array, params: views.
                        std: Sequence[float], loss: str, gamma: float, temperature: float,
                        accumulation: int = 1, ema_decay: float = 0.0, teacher_models=None,
                        aggregation: str = "mean", mesh=None):
-  """One optimizer update. `teacher_logits` is None in online mode (teachers run here)."""
+  """One optimizer update. `teacher_logits` is None in online mode (teachers run here) and with a
+  hard-label loss (`ce`: no teachers at all; the teacher-agreement metric is then left out)."""
   x = views.normalized_views(images_u8, params, spec, mean, std)
   if teacher_models is not None:
     teacher_logits = jax.lax.stop_gradient(
         labeler.ensemble_logits(teacher_models, teacher_variables, x, aggregation))
+  with_teacher = teacher_logits is not None
+  if not with_teacher:  # a placeholder the loss ignores, so the step has one shape
+    teacher_logits = jnp.zeros((x.shape[0], 1), jnp.float32)
   teacher_logits = teacher_logits.astype(jnp.float32)
   x, hard_labels, teacher_logits = (_shard_rows(a, mesh) for a in (x, hard_labels, teacher_logits))
   batch = x.shape[0]
@@ -64,7 +68,8 @@ def student_train_step(state: StudentState, images_u8: jax.Array, params: views.
       mutable = ["batch_stats"]
     logits, updates = state.apply_fn(variables, xm, train=True, mutable=mutable, rngs={"dropout": key})
     logits = logits.astype(jnp.float32)
-    value = losses.student_loss(loss, logits, tm, ym, gamma=gamma, temperature=temperature)
+    value = losses.student_loss(loss, logits, tm if with_teacher else None, ym, gamma=gamma,
+                                temperature=temperature)
     return value, (logits, updates.get("batch_stats", batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -93,6 +98,7 @@ def student_train_step(state: StudentState, images_u8: jax.Array, params: views.
   if ema_decay:
     new_state = new_state.replace(ema_params=optax.incremental_update(new_state.params, state.ema_params,
                                                                       1.0 - ema_decay))
-  metrics = {"loss": jnp.mean(values), "accuracy": jnp.sum(correct) / batch,
-             "teacher_agreement": jnp.sum(agree) / batch, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": jnp.mean(values), "accuracy": jnp.sum(correct) / batch, "grad_norm": optax.tree.norm(grads)}
+  if with_teacher:
+    metrics["teacher_agreement"] = jnp.sum(agree) / batch
   return new_state, metrics
