@@ -6,6 +6,7 @@ truncates and then saves JPEG-75; the optional JPEG export reproduces that for p
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -15,7 +16,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, fs
+
+# Image files are encoded and written by a thread pool: one file at a time, an ImageNet IPC 50 set
+# (50,000 PNGs) would wait on 50,000 fsyncs or, on gs://, 50,000 sequential uploads. PNG's zlib and
+# the file writes release the GIL.
+LOCAL_WRITERS, REMOTE_WRITERS = min(8, os.cpu_count() or 1), 32
 
 
 def to_uint8(images_normalized: np.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -40,14 +46,17 @@ def write_outputs(out_dir: str, images_u8: np.ndarray, labels: np.ndarray, ipc_i
                   class_names: Sequence[str], manifest: Sequence[dict], *, export_jpeg: bool = False,
                   jpeg_images_u8: np.ndarray | None = None) -> None:
   """Writes images/<class>/ipcNNNN.png, images.npz, manifest.jsonl and classes.json (atomically)."""
-  for image, label, ipc in zip(images_u8, labels, ipc_indices):
-    folder = os.path.join(out_dir, "images", class_folder(int(label), class_names[int(label)]))
-    artifacts.write_bytes(os.path.join(folder, f"ipc{int(ipc):04d}.png"), _encode(image, "PNG"))
+  def folder(kind: str, label) -> str:
+    return os.path.join(out_dir, kind, class_folder(int(label), class_names[int(label)]))
+  files = [(os.path.join(folder("images", label), f"ipc{int(ipc):04d}.png"), image, "PNG", {})
+           for image, label, ipc in zip(images_u8, labels, ipc_indices)]
   if export_jpeg:
-    for image, label, ipc in zip(jpeg_images_u8, labels, ipc_indices):
-      folder = os.path.join(out_dir, "images_jpeg", class_folder(int(label), class_names[int(label)]))
-      artifacts.write_bytes(os.path.join(folder, f"class{int(label):03d}_id{int(ipc):03d}.jpg"),
-                            _encode(image, "JPEG", quality=75))
+    files += [(os.path.join(folder("images_jpeg", label), f"class{int(label):03d}_id{int(ipc):03d}.jpg"), image,
+               "JPEG", {"quality": 75}) for image, label, ipc in zip(jpeg_images_u8, labels, ipc_indices)]
+  workers = REMOTE_WRITERS if fs.is_remote(out_dir) else LOCAL_WRITERS
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    # list(): the first failed write raises here, after the pool has finished the others.
+    list(pool.map(lambda f: artifacts.write_bytes(f[0], _encode(f[1], f[2], **f[3])), files))
   artifacts.write_npz(os.path.join(out_dir, "images.npz"), images=images_u8,
                       labels=labels.astype(np.int32), ipc_index=ipc_indices.astype(np.int32),
                       class_names=np.asarray(list(class_names)))
