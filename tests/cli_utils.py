@@ -17,6 +17,8 @@ def cli_env(num_devices: int = 2) -> dict:
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env["PYTHONUNBUFFERED"] = "1"
+  if "PRISM_TEST_XLA_CACHE" in env:  # set by conftest.py: shared by this session's CLI runs
+    env["JAX_COMPILATION_CACHE_DIR"] = env["PRISM_TEST_XLA_CACHE"]
   return env
 
 

@@ -1,7 +1,9 @@
 """Test set-up: 8 simulated CPU devices (must be set before JAX is imported anywhere)."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -18,3 +20,17 @@ try:
   import torchvision  # noqa: F401
 except ImportError:
   pass
+
+# One XLA compilation cache for the CLI subprocesses of this test session (tests/cli_utils.py): a
+# resumed, repeated or cooperating run compiles the same programs as the run before it. Made by the
+# first process that loads this file (the pytest-xdist controller; its workers inherit it) and
+# removed by it at the end.
+_XLA_CACHE_VAR = "PRISM_TEST_XLA_CACHE"
+_OWN_XLA_CACHE = _XLA_CACHE_VAR not in os.environ
+if _OWN_XLA_CACHE:
+  os.environ[_XLA_CACHE_VAR] = tempfile.mkdtemp(prefix="prism_jax_test_xla_cache_")
+
+
+def pytest_unconfigure(config):
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(os.environ.pop(_XLA_CACHE_VAR), ignore_errors=True)

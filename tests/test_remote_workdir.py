@@ -114,11 +114,10 @@ def test_remote_rerun_resumes_without_recomputing(runs, capsys):
   assert artifacts.sha256_file(images) == before
 
 
-CLI_CONFIG = '''
+
+MAIN_CONFIG = '''
 """Recover on tiny data (written by tests/test_remote_workdir.py)."""
-import sys
-sys.path.insert(0, {tests_dir!r})
-import test_remote_workdir  # noqa: E402  registers the tiny teachers (through recover_utils)
+import test_remote_workdir
 
 
 def get_config():
@@ -128,18 +127,21 @@ def get_config():
 '''
 
 
-def test_the_cli_runs_a_stage_in_a_remote_work_directory(tmp_path):
-  from cli_utils import run_cli
-  data = ru.write_tiny_arrays(str(tmp_path / "data"))
-  teachers = str(tmp_path / "teachers")  # ram:// lives in one process: the teachers stay local here
-  for seed, name in enumerate(("tiny_a", "tiny_b")):
-    ru.write_random_teacher(teachers, name, seed=seed)
-  config = tmp_path / "remote_cli.py"
-  config.write_text(CLI_CONFIG.format(tests_dir=os.path.dirname(os.path.abspath(__file__)), data=data,
-                                      teachers=teachers))
-  workdir = f"ram://prism-cli-{uuid.uuid4().hex[:12]}/run"
-  result = run_cli(str(config), workdir)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert f"workdir {workdir}" in result.stdout
-  assert f"[recover] 8 images -> {workdir}/recover" in result.stdout
-  assert not os.path.exists("ram:") and not (tmp_path / "ram:").exists()  # nothing became a local path
+def test_main_takes_a_remote_work_directory(runs, tmp_path, capsys):
+  """prism_jax.main in this process (ram:// lives in one process) with --workdir=ram://..."""
+  from absl import flags
+  from prism_jax import main as main_module
+  local = runs["local"]["config"]
+  config = tmp_path / "remote_main.py"
+  config.write_text(MAIN_CONFIG.format(data=local.data.path, teachers=local.recover.teachers_dir))
+  workdir = f"ram://prism-main-{uuid.uuid4().hex[:12]}/run"
+  flags.FLAGS([ "prism_jax.main", f"--config={config}", f"--workdir={workdir}"])
+  try:
+    main_module.main(["prism_jax.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert f"workdir {workdir}" in out and f"[recover] 8 images -> {workdir}/recover" in out
+  assert artifacts.read_json(os.path.join(workdir, "config.json"))["stage"] == "recover"
+  np.testing.assert_array_equal(_npz(os.path.join(workdir, "recover", "images.npz"))["images"],
+                                _npz(os.path.join(runs["local"]["workdir"], "recover", "images.npz"))["images"])
