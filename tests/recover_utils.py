@@ -72,3 +72,16 @@ def write_random_teacher(teachers_dir: str, name: str, *, class_names=CLASS_NAME
       os.path.join(teachers_dir, name), name=name, variables=variables,
       model_config=dict(name=name, num_classes=len(class_names), stem="small", width=width, image_size=size),
       class_names=class_names, dataset={"name": "tiny"}, test_accuracy=None)
+
+
+def write_random_teachers(teachers_dir: str, names=("tiny_a", "tiny_b")) -> str:
+  """`write_random_teacher` for each name, seeded by its position; returns `teachers_dir`."""
+  for seed, name in enumerate(names):
+    write_random_teacher(teachers_dir, name, seed=seed)
+  return teachers_dir
+
+
+def write_relabel_assets(root: str) -> dict:
+  """Tiny arrays with 6 images per class and the teachers tiny_a, tiny_b: relabel/train tests."""
+  return {"data": write_tiny_arrays(os.path.join(root, "data"), per_class=6),
+          "teachers": write_random_teachers(os.path.join(root, "teachers"))}

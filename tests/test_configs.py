@@ -422,9 +422,7 @@ def fast_compilation(tmp_path_factory):
 def runner(tmp_path_factory, fast_compilation):
   root = tmp_path_factory.mktemp("config_runs")
   data = ru.write_tiny_arrays(str(root / "data"), per_class=PER_CLASS, num_classes=NUM_CLASSES)
-  teachers = str(root / "teachers")
-  for seed, name in enumerate(sorted(set(TINY.values()))):
-    ru.write_random_teacher(teachers, name, seed=seed)
+  teachers = ru.write_random_teachers(str(root / "teachers"), sorted(set(TINY.values())))
   return Runner(root / "runs", {"data": data, "teachers": teachers})
 
 

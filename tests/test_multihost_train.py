@@ -53,12 +53,8 @@ def get_config():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost_train")
-  data = ru.write_tiny_arrays(str(root / "data"), per_class=6)
-  teachers = str(root / "teachers")
-  for seed, name in enumerate(("tiny_a", "tiny_b")):
-    ru.write_random_teacher(teachers, name, seed=seed)
   path = root / "tiny_train.py"
-  path.write_text(CONFIG_TEMPLATE.format(tests_dir=TESTS_DIR, data=data, teachers=teachers))
+  path.write_text(CONFIG_TEMPLATE.format(tests_dir=TESTS_DIR, **ru.write_relabel_assets(str(root))))
   return {"stored": str(path)}
 
 

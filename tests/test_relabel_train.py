@@ -19,12 +19,7 @@ from prism_jax.train import losses
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  root = tmp_path_factory.mktemp("relabel_assets")
-  data = ru.write_tiny_arrays(str(root / "data"), per_class=6)
-  teachers = str(root / "teachers")
-  for seed, name in enumerate(("tiny_a", "tiny_b")):
-    ru.write_random_teacher(teachers, name, seed=seed)
-  return {"data": data, "teachers": teachers}
+  return ru.write_relabel_assets(str(tmp_path_factory.mktemp("relabel_assets")))
 
 
 def make_config(assets, **train_overrides):

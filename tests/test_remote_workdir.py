@@ -51,9 +51,7 @@ def runs(tmp_path_factory):
   bucket = f"ram://prism-{uuid.uuid4().hex[:12]}"
   out = {}
   for kind, base in (("local", str(root)), ("remote", bucket)):
-    teachers = os.path.join(base, "teachers")
-    for seed, name in enumerate(("tiny_a", "tiny_b")):
-      ru.write_random_teacher(teachers, name, seed=seed)
+    teachers = ru.write_random_teachers(os.path.join(base, "teachers"))
     workdir = os.path.join(base, "run")
     config = make_config(data, teachers)
     out[kind] = {"workdir": workdir, "config": config, "results": run_stages(config, workdir)}

@@ -7,6 +7,7 @@ truncates and then saves JPEG-75; the optional JPEG export reproduces that for p
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -48,15 +49,17 @@ def write_outputs(out_dir: str, images_u8: np.ndarray, labels: np.ndarray, ipc_i
   """Writes images/<class>/ipcNNNN.png, images.npz, manifest.jsonl and classes.json (atomically)."""
   def folder(kind: str, label) -> str:
     return os.path.join(out_dir, kind, class_folder(int(label), class_names[int(label)]))
-  files = [(os.path.join(folder("images", label), f"ipc{int(ipc):04d}.png"), image, "PNG", {})
+  # (path, encode) per image file; the pool runs both the encoding and the write.
+  files = [(os.path.join(folder("images", label), f"ipc{int(ipc):04d}.png"), functools.partial(_encode, image, "PNG"))
            for image, label, ipc in zip(images_u8, labels, ipc_indices)]
   if export_jpeg:
-    files += [(os.path.join(folder("images_jpeg", label), f"class{int(label):03d}_id{int(ipc):03d}.jpg"), image,
-               "JPEG", {"quality": 75}) for image, label, ipc in zip(jpeg_images_u8, labels, ipc_indices)]
+    files += [(os.path.join(folder("images_jpeg", label), f"class{int(label):03d}_id{int(ipc):03d}.jpg"),
+               functools.partial(_encode, image, "JPEG", quality=75))
+              for image, label, ipc in zip(jpeg_images_u8, labels, ipc_indices)]
   workers = REMOTE_WRITERS if fs.is_remote(out_dir) else LOCAL_WRITERS
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     # list(): the first failed write raises here, after the pool has finished the others.
-    list(pool.map(lambda f: artifacts.write_bytes(f[0], _encode(f[1], f[2], **f[3])), files))
+    list(pool.map(lambda file: artifacts.write_bytes(file[0], file[1]()), files))
   artifacts.write_npz(os.path.join(out_dir, "images.npz"), images=images_u8,
                       labels=labels.astype(np.int32), ipc_index=ipc_indices.astype(np.int32),
                       class_names=np.asarray(list(class_names)))
