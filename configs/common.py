@@ -9,9 +9,9 @@ from __future__ import annotations
 import ml_collections
 
 from prism_jax.data import sources
-from prism_jax.train import protocols
+from prism_jax.train import precision, protocols
 
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate", "all")
+STAGES = ("squeeze", "diffusion", "recover", "relabel", "train", "evaluate", "all")
 
 
 def data_config(source: str = "digits", name: str = "digits", path: str = "") -> ml_collections.ConfigDict:
@@ -185,6 +185,34 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def diffusion_config() -> ml_collections.ConfigDict:
+  """Class-conditional DiT training on the real training split (stage `diffusion`, SPEC 11), or the
+  class check of an imported DiT. Defaults: DiT's recipe (AdamW 1e-4, no decay, EMA 0.9999, label
+  dropout 0.1); model '' and import_dir '' skip the stage. space='latent' trains on (or checks an
+  imported DiT against) the latents of the VAE in vae_dir."""
+  c = ml_collections.ConfigDict()
+  c.model = ""                 # '' = nothing to train; else a DiT size name: 'T/2' (tiny), 'S/2', 'B/2', ...
+  c.import_dir = ""            # '' or a diffusion_store directory with an imported DiT (then nothing is trained)
+  c.class_map = ()             # import_dir only: per data class, its index into the model's classes
+  c.space = "pixel"            # pixel: images in [-1, 1] (<= 64 px); latent: latents of the VAE in vae_dir
+  c.vae_dir = ""               # space='latent': a diffusion_store 'vae' directory (tools/import_vae)
+  c.steps = 400_000            # total training steps
+  c.batch_size = 256           # global batch, split over all devices
+  c.learning_rate = 1e-4
+  c.weight_decay = 0.0
+  c.ema_decay = 0.9999
+  c.label_dropout = 0.1        # probability of the null class (classifier-free guidance)
+  c.learn_sigma_loss = False   # True: also the learned-variance VLB term (DiT's full loss)
+  c.log_every_steps = 100      # also the interval of the fixed-batch evaluation loss
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.sample_steps = 50          # DDIM steps of the final sample grid
+  c.cfg_scale = 4.0            # classifier-free guidance scale of the grid
+  c.samples_per_class = 4      # rows of diffusion/samples.png (one column per class)
+  c.sample_every_steps = 0     # > 0: also a sample grid in TensorBoard every so many steps (a multiple of log_every_steps)
+  return c
+
+
 def evaluate_config() -> ml_collections.ConfigDict:
   """Metrics and pictures (SPEC 8)."""
   c = ml_collections.ConfigDict()
@@ -206,16 +234,20 @@ def set_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collect
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "all"              # squeeze | recover | relabel | train | evaluate | all
+  c.stage = "all"              # squeeze | diffusion | recover | relabel | train | evaluate | all
   c.seed = 0
   c.data = data_config()
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = -1      # -1: every device of every process
   c.squeeze = squeeze_config()
+  c.diffusion = diffusion_config()
   c.recover = recover_config()
   c.image_sets = ("recover",)  # sets to relabel/train/evaluate: recover | random_real | <dir with images.npz>
   c.relabel = relabel_config()
   c.train = train_config()
   c.evaluate = evaluate_config()
   c.progress_interval_s = 10.0  # seconds between terminal progress lines
+  # Per-stage parameter/compute dtype and matmul precision; 'auto' = float32 on CPU, bfloat16 compute
+  # for squeeze/relabel/train and full-precision float32 recover on GPU/TPU (prism_jax/train/precision.py).
+  c.precision = precision.precision_config()
   return c

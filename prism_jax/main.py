@@ -24,14 +24,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 _JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() with "
                                      "cluster auto-detection (Cloud TPU VMs and pod slices).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "JAX's persistent compilation cache (local directory or URL); "
+    "default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/prism_jax/jax_cache; '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _hide_accelerators_from_tensorflow() -> None:
-  # TensorFlow is used only on the host (tf.data, TensorBoard summaries): keep it off GPUs/TPUs
-  # so it does not reserve accelerator memory that JAX needs.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
 
 
 def main(argv):
@@ -40,11 +36,16 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs (orbax saves, backend probing) drown the progress lines; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
-  _hide_accelerators_from_tensorflow()
+  # TensorFlow is imported only where it alone can serve (TFDS data, gs:// paths), and then kept
+  # off the accelerators (io/fs.py: import_tensorflow).
   import jax
 
   from prism_jax import config_checks, stages
-  from prism_jax.io import artifacts, fs
+  from prism_jax.io import artifacts, compilation, fs
+
+  cache_dir = compilation.enable_persistent_cache(
+      compilation.default_cache_dir() if _COMPILATION_CACHE.value is None else _COMPILATION_CACHE.value)
+  compile_stats = compilation.CompileStats()
   from prism_jax.parallel import mesh as mesh_lib, multihost
 
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -60,6 +61,9 @@ def main(argv):
     print(f"[prism_jax] {jax.device_count()} {jax.default_backend()} device(s) in {jax.process_count()} "
           f"process(es); mesh {dict(mesh.shape)}; workdir {workdir}", flush=True)
   stages.run_stage(config.stage, config, workdir, mesh)
+  if jax.process_index() == 0:
+    print(f"[prism_jax] {compile_stats.summary(cache_enabled=cache_dir is not None)}" +
+          (f" ({cache_dir})" if cache_dir else ""), flush=True)
 
 
 def _run(argv):

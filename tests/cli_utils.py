@@ -11,15 +11,22 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli_env(num_devices: int = 2, fast_compile: bool = True) -> dict:
+HIDE_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hide_modules")
+
+
+def cli_env(num_devices: int = 2, fast_compile: bool = True, hide_modules: tuple[str, ...] = ()) -> dict:
   """The environment of a CLI subprocess on `num_devices` CPU devices. `fast_compile` turns most XLA
   optimizations off (compilation dominates these toy runs): results then match other such runs, not
-  an in-process run of the test session, so runs compared with in-process ones pass False."""
+  an in-process run of the test session, so runs compared with in-process ones pass False.
+  `hide_modules` makes those packages unimportable in the subprocess (tests/hide_modules)."""
   env = dict(os.environ)
   if fast_compile:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  if hide_modules:
+    env["PYTHONPATH"] = HIDE_MODULES_DIR + os.pathsep + env["PYTHONPATH"]
+    env["PRISM_HIDE_MODULES"] = ",".join(hide_modules)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env["PYTHONUNBUFFERED"] = "1"
   if "PRISM_TEST_XLA_CACHE" in env:  # set by conftest.py: shared by this session's CLI runs
@@ -32,8 +39,10 @@ def cli_command(config: str, workdir: str, *overrides: str) -> list[str]:
           f"--workdir={workdir}", *overrides]
 
 
-def run_cli(config: str, workdir: str, *overrides: str, timeout: int = 300, num_devices: int = 2):
-  return subprocess.run(cli_command(config, workdir, *overrides), cwd=REPO_ROOT, env=cli_env(num_devices),
+def run_cli(config: str, workdir: str, *overrides: str, timeout: int = 300, num_devices: int = 2,
+            hide_modules: tuple[str, ...] = ()):
+  return subprocess.run(cli_command(config, workdir, *overrides), cwd=REPO_ROOT,
+                        env=cli_env(num_devices, hide_modules=hide_modules),
                         capture_output=True, text=True, timeout=timeout)
 
 

@@ -28,6 +28,15 @@ def test_atomic_write_replaces_existing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a.json"]
 
 
+def test_artifacts_get_the_umask_mode_not_0600(tmp_path):
+  # mkstemp creates 0600 files; an artifact must be readable like any other file the user writes.
+  path = str(tmp_path / "a.json")
+  artifacts.write_json(path, {"x": 1})
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_read_json_reports_corrupt_file(tmp_path):
   path = tmp_path / "bad.json"
   path.write_text('{"a": ')

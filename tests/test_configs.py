@@ -472,7 +472,8 @@ def _check_downstream(config, workdir, results):
     assert summary["protocol"] == config.train.protocol and 0.0 <= summary["best_top1"]["mean"] <= 1.0
   report = results["evaluate"]
   assert [r["method"] for r in report["rows"]] == list(config.image_sets)
-  assert report["protocol"] == config.train.protocol and os.path.exists(report["report"])
+  assert report["protocol"] == config.train.protocol and report["report"] == os.path.join("evaluate", "report.md")
+  assert os.path.exists(os.path.join(workdir, report["report"]))  # stored relative to the work directory
 
 
 def _recover_teacher_count(experiment) -> int:

@@ -526,16 +526,16 @@ def _open_imagefolder(config, image_size: int, max_per_class: int) -> Dataset:
 
 def _import_tfds():
   """tensorflow_datasets, with TensorFlow (if installed) kept off GPUs/TPUs: they belong to JAX."""
+  from prism_jax.io import fs
   try:
-    import tensorflow as tf
-    try:
-      tf.config.set_visible_devices([], "GPU")
-      tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):  # devices already initialized, or no such device type
-      pass
+    fs.import_tensorflow()
   except ImportError:
     pass
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ValueError("data.source='tfds' needs tensorflow-datasets, which is not installed (see "
+                     "requirements.txt), or use an `arrays` / `imagefolder` source") from None
   return tfds
 
 

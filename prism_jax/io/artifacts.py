@@ -19,6 +19,17 @@ import numpy as np
 from prism_jax.io import fs
 
 
+def _file_mode() -> int:
+  # Read once at import: os.umask can only be read by setting it, which is not thread-safe (the
+  # exporter writes from a thread pool).
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 class ArtifactError(ValueError):
   """An artifact is missing, corrupt or inconsistent with the requested configuration."""
 
@@ -39,6 +50,7 @@ def atomic_path(path: str) -> Iterator[str]:
   fs.makedirs(os.path.dirname(path) if remote else directory)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
   os.close(fd)
+  os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; artifacts get the umask's mode, like any other file
   try:
     yield tmp
     if remote:
@@ -80,6 +92,19 @@ def write_npz(path: str, **arrays: np.ndarray) -> None:
 
 def sha256_bytes(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
+
+
+def read_verified_bytes(path: str, expected_sha256: str | None) -> bytes:
+  """The bytes of `path`, checked against the checksum its metadata recorded (ArtifactError if it is
+  missing, corrupt or truncated)."""
+  try:
+    with fs.open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise ArtifactError(f"{path}: variables file missing") from None
+  if sha256_bytes(data) != expected_sha256:
+    raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt or truncated")
+  return data
 
 
 def sha256_file(path: str) -> str:

@@ -24,9 +24,25 @@ def is_remote(path: str) -> bool:
   return "://" in str(path)
 
 
+def import_tensorflow():
+  """TensorFlow, imported on first use (remote paths, TFDS) and kept off GPUs/TPUs: they belong to
+  JAX, and TensorFlow would otherwise reserve accelerator memory. Raises ImportError without it."""
+  import tensorflow as tf  # Local import: only remote paths and TFDS pay TensorFlow's import time.
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # devices already initialized, or no such device type
+      pass
+  return tf
+
+
 def _gfile():
-  import tensorflow as tf  # Local import: only remote paths pay TensorFlow's import time.
-  return tf.io.gfile
+  try:
+    return import_tensorflow().io.gfile
+  except ImportError:
+    raise ValueError("paths with a scheme (gs://, ram://, ...) are read and written through TensorFlow's "
+                     "file systems, and TensorFlow is not installed (pip install tensorflow-cpu, see "
+                     "requirements.txt)") from None
 
 
 def _clear_for_write(path: str) -> None:

@@ -1,25 +1,188 @@
-"""TensorBoard writing (clu metric writers) and terminal progress with rate and ETA."""
+"""TensorBoard writing and terminal progress with rate and ETA.
+
+Event files for a local log directory are written here, with TensorBoard's own protocol buffers and
+no TensorFlow: importing TensorFlow costs about 11 s per process on a small CPU machine, and on GPU
+machines it is a heavy dependency that competes with JAX for the accelerator. The writers follow
+clu's `MetricWriter` interface (write_scalars / write_images / write_texts / write_hparams / flush
+/ close), so stages do not care which one they get. A remote log directory (gs://...) goes through
+clu's `SummaryWriter`, whose file system layer is TensorFlow's. Without the `tensorboard` package
+(or without TensorFlow for a remote directory) a warning is printed once and only the terminal
+progress remains.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import socket
+import struct
 import sys
 import time
+import warnings
+from typing import Any, Mapping
 
 import jax
-from clu import metric_writers
+import numpy as np
+
+from prism_jax.io import fs
+
+_EVENT_FILE_VERSION = "brain.Event:2"
 
 
-def create_writer(logdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + log writer on process 0; other processes only log (clu's convention).
+class EventFileWriter:
+  """Appends TensorBoard `Event` records (TFRecord framing, masked CRC-32C) to one local file.
 
-  `logdir` may be local or any URL TensorFlow's file systems know (gs://, ram://). The writers are
-  the ones `metric_writers.create_default_writer(logdir, asynchronous=False)` builds, made here
-  because that function parses `logdir` with etils.epath, which knows only gs/s3/az/hf URLs.
+  A record is: uint64 length, uint32 masked CRC of the length, the serialized Event, uint32 masked
+  CRC of it. Every record is written whole and flushed, so a killed run leaves a readable file.
   """
-  writers = [metric_writers.LoggingWriter()]
-  if jax.process_index() == 0:
-    writers.append(metric_writers.SummaryWriter(logdir))
-  return metric_writers.MultiWriter(writers)
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    self._event_pb2, self._summary_pb2, self._crc = event_pb2, summary_pb2, masked_crc32c
+    os.makedirs(logdir, exist_ok=True)
+    name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.prism_jax"
+    self.path = os.path.join(logdir, name)
+    self._file = open(self.path, "ab")
+    self._write_event(self._event_pb2.Event(wall_time=time.time(), file_version=_EVENT_FILE_VERSION))
+
+  def _write_event(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._file.write(header + struct.pack("<I", self._crc(header)) + data +
+                     struct.pack("<I", self._crc(data)))
+    self._file.flush()
+
+  def write_summary(self, step: int, values: list) -> None:
+    summary = self._summary_pb2.Summary(value=values)
+    self._write_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def scalar_value(self, tag: str, value: float):
+    return self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+
+  def images_value(self, tag: str, images: np.ndarray):
+    """N images under one tag, as `tf.summary.image` writes them (and TensorBoard's images plugin
+    reads them): a string tensor [width, height, png_0, ..., png_N-1] with plugin 'images'."""
+    from PIL import Image
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2
+    encoded = []
+    for image in images:
+      image = _to_uint8_image(image)
+      buffer = io.BytesIO()
+      Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+      encoded.append(buffer.getvalue())
+    height, width = _to_uint8_image(images[0]).shape[:2]
+    metadata = self._summary_pb2.SummaryMetadata(
+        plugin_data=self._summary_pb2.SummaryMetadata.PluginData(plugin_name="images"))
+    tensor = tensor_pb2.TensorProto(
+        dtype=7, string_val=[str(width).encode(), str(height).encode(), *encoded],  # 7 = DT_STRING
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(encoded) + 2)]))
+    return self._summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+
+  def text_value(self, tag: str, text: str):
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2
+    metadata = self._summary_pb2.SummaryMetadata(
+        plugin_data=self._summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+    tensor = tensor_pb2.TensorProto(dtype=7, string_val=[str(text).encode()],  # 7 = DT_STRING
+                                    tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    return self._summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+
+
+def _to_uint8_image(image: np.ndarray) -> np.ndarray:
+  """HWC (or HW) uint8 from uint8, or from floats in [0, 1] (clu's convention)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.dtype != np.uint8:
+    image = np.clip(np.round(image.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+  return image
+
+
+class LocalSummaryWriter:
+  """clu-style metric writer that writes TensorBoard event files without TensorFlow."""
+
+  def __init__(self, logdir: str):
+    self._events = EventFileWriter(logdir)
+
+  @property
+  def path(self) -> str:
+    return self._events.path
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._events.write_summary(step, [self._events.scalar_value(k, v) for k, v in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    values = []
+    for key, batch in images.items():
+      batch = np.asarray(batch)
+      if batch.ndim == 2 or (batch.ndim == 3 and batch.shape[-1] in (1, 3, 4)):  # one image, no batch axis
+        batch = batch[None]
+      values.append(self._events.images_value(key, batch))
+    self._events.write_summary(step, values)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    self._events.write_summary(step, [self._events.text_value(k, v) for k, v in texts.items()])
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self.write_texts(0, {"hparams": "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items()))})
+
+  def flush(self) -> None:
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
+class NullWriter:
+  """A writer that drops everything (other processes, or no TensorBoard backend available)."""
+
+  def write_scalars(self, step, scalars): pass
+  def write_images(self, step, images): pass
+  def write_texts(self, step, texts): pass
+  def write_hparams(self, hparams): pass
+  def flush(self): pass
+  def close(self): pass
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    print(f"[prism_jax] warning: {message}", file=sys.stderr, flush=True)
+
+
+def create_writer(logdir: str):
+  """A TensorBoard writer for `logdir` on process 0; other processes write nothing.
+
+  Local directories get `LocalSummaryWriter` (no TensorFlow). A URL (gs://, or ram:// in tests)
+  gets clu's `SummaryWriter`, built here rather than with `create_default_writer`, which parses the
+  path with etils.epath (gs/s3/az/hf URLs only).
+  """
+  if jax.process_index() != 0:
+    return NullWriter()
+  if not fs.is_remote(logdir):
+    try:
+      return LocalSummaryWriter(logdir)
+    except ImportError:
+      _warn_once("the `tensorboard` package is not installed: no TensorBoard logs are written "
+                 "(progress is still printed)")
+      return NullWriter()
+  try:
+    from clu import metric_writers  # imports TensorFlow: only remote log directories pay for it
+  except ImportError:
+    _warn_once(f"{logdir}: writing TensorBoard logs to a URL needs TensorFlow, which is not installed: "
+               "no TensorBoard logs are written (progress is still printed)")
+    return NullWriter()
+  return metric_writers.SummaryWriter(logdir)
 
 
 def format_duration(seconds: float) -> str:

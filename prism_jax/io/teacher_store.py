@@ -51,19 +51,15 @@ def load_meta(teacher_dir: str) -> dict[str, Any]:
   return artifacts.read_json(path)
 
 
-def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None = None):
-  """Returns (model, variables, meta); verifies checksum, class order and every tensor shape."""
+def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None = None,
+                 dtype: Any = jnp.float32):
+  """Returns (model, variables, meta); verifies checksum, class order and every tensor shape.
+  `dtype` is the model's compute dtype (the variables stay float32)."""
   from prism_jax import models  # Local import keeps io/ free of model code at import time.
 
   meta = load_meta(teacher_dir)
   path = os.path.join(teacher_dir, VARIABLES_FILE)
-  try:
-    with fs.open(path, "rb") as f:
-      data = f.read()
-  except FileNotFoundError:
-    raise artifacts.ArtifactError(f"{path}: variables file missing") from None
-  if artifacts.sha256_bytes(data) != meta.get("variables_sha256"):
-    raise artifacts.ArtifactError(f"{path}: checksum mismatch; the file is corrupt or truncated")
+  data = artifacts.read_verified_bytes(path, meta.get("variables_sha256"))
   variables = flax.serialization.msgpack_restore(data)
   if expected_class_names is not None and list(expected_class_names) != list(meta["class_names"]):
     raise artifacts.ArtifactError(
@@ -72,7 +68,7 @@ def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None
         "(class count or order differs)")
   spec = meta["model"]
   model = models.create_model(spec["name"], num_classes=spec["num_classes"], stem=spec["stem"],
-                              width=spec["width"])
+                              width=spec["width"], dtype=dtype)
   image_size = int(spec.get("image_size") or (224 if spec["stem"] == "imagenet" else 32))
   check_variables_match(model, variables, image_size=image_size, source=path)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)

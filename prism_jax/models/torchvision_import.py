@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prism_jax.models import alexnet, efficientnet, mobilenet_v2, registry, resnet, shufflenet_v2
+from prism_jax.models import alexnet, efficientnet, mobilenet_v2, registry, resnet, shufflenet_v2, tree_paths
 
 LayerMap = list[tuple[str, str, str]]  # (torch prefix, flax path 'a/b', kind)
 _KIND_SUFFIXES = {"conv": ("weight",), "conv_bias": ("weight", "bias"),
@@ -172,7 +172,7 @@ def _infer_num_classes(arch: str, state_dict: Mapping[str, Any]) -> int:
 def expected_state_dict_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
   """torch key -> shape that the port of `arch` expects (num_batches_tracked excluded)."""
   model = registry.create_model(arch, num_classes=num_classes, stem="imagenet", width=1.0)
-  expected = _flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
+  expected = tree_paths.flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
   return {key: _torch_shape(kind, suffix, expected[path])
           for key, path, kind, suffix in _entries(KEY_MAPS[arch](arch))}
 
@@ -190,7 +190,7 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
   if num_classes is None:
     num_classes = _infer_num_classes(arch, state_dict)
   model = registry.create_model(arch, num_classes=num_classes, stem="imagenet", width=1.0)
-  expected = _flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
+  expected = tree_paths.flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
 
   variables: dict[str, Any] = {}
   consumed = set()
@@ -206,13 +206,13 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
     if tuple(tensor.shape) != want:
       raise ValueError(f"state_dict key '{torch_key}' has shape {tuple(tensor.shape)}, {arch} with "
                        f"num_classes={num_classes} expects {want}")
-    _set(variables, path, _convert(tensor, kind, suffix))
+    tree_paths.set_path(variables, path, _convert(tensor, kind, suffix))
     consumed.add(torch_key)
   for key in state_dict:
     if key not in consumed and not key.endswith("num_batches_tracked"):
       raise ValueError(f"unexpected state_dict key '{key}' "
                        f"(shape {tuple(np.shape(state_dict[key]))}) for {arch}")
-  missing = [p for p in expected if _get(variables, p) is None]
+  missing = [p for p in expected if tree_paths.get_path(variables, p) is None]
   if missing:
     raise ValueError(f"key map of {arch} leaves '{'/'.join(missing[0])}' unset")
   return variables
@@ -221,8 +221,8 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
 def check_variables_match(model, variables: Mapping[str, Any], x_shape=(1, 32, 32, 3),
                           source: str = "variables") -> None:
   """Raises ValueError naming the first key whose presence or shape differs from `model`'s."""
-  expected = _flat_shapes(_abstract_variables(model, x_shape))
-  got = _flat_shapes(variables)
+  expected = tree_paths.flat_shapes(_abstract_variables(model, x_shape))
+  got = tree_paths.flat_shapes(variables)
   for path, shape in expected.items():
     name = "/".join(path)
     if path not in got:
@@ -239,24 +239,3 @@ def _abstract_variables(model, x_shape) -> Any:
   return jax.eval_shape(
       lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                          jnp.zeros(tuple(x_shape), jnp.float32), train=False))
-
-
-def _flat_shapes(tree: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
-    flat[tuple(str(getattr(p, "key", p)) for p in path)] = tuple(np.shape(leaf))
-  return flat
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for part in path[:-1]:
-    tree = tree.setdefault(part, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for part in path:
-    if not isinstance(tree, Mapping) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree

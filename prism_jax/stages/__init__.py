@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 # Pipeline order; `all` runs the available stages in this order.
-PIPELINE = ("squeeze", "recover", "relabel", "train", "evaluate")
+PIPELINE = ("squeeze", "diffusion", "recover", "relabel", "train", "evaluate")
 AVAILABLE = PIPELINE
 
 
@@ -45,4 +46,7 @@ def run_stage(name: str, config, workdir: str, mesh):
   if name != "recover":  # recovery alone needs no shared work directory (process 0 gathers its images)
     from prism_jax.parallel import multihost
     multihost.check_shared_directory(workdir, name)
-  return importlib.import_module(f"prism_jax.stages.{name}").run(config, workdir, mesh)
+  from prism_jax.train import precision
+  scope = precision.resolve(config, name).scope() if name in precision.STAGES else contextlib.nullcontext()
+  with scope:  # the stage's programs are traced under its matmul precision
+    return importlib.import_module(f"prism_jax.stages.{name}").run(config, workdir, mesh)

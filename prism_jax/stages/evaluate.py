@@ -109,7 +109,7 @@ def run(config, workdir: str, mesh) -> dict:
     report_path = os.path.join(out_dir, "report.md")
     report.write_report(report_path, f"prism_jax results: {os.path.basename(os.path.normpath(workdir))}",
                         rows, columns, pics, notes)
-    results["report"] = report_path
+    results["report"] = fs.relpath(report_path, workdir)  # relative: the work directory may move
     artifacts.write_json(os.path.join(out_dir, "results.json"), results)
     print(report.format_table(rows, columns), flush=True)
     print(f"[evaluate] report: {report_path}", flush=True)

@@ -36,6 +36,7 @@ from prism_jax.io import artifacts, fs, monitoring, teacher_store
 from prism_jax.models import bn_stats
 from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.recover import engine, export, schedule, selection
+from prism_jax.train import precision
 
 STAGE_DIR = "recover"
 DONE_FILE = "recover.json"
@@ -102,7 +103,8 @@ def jitter_pixels(rc, image_size: int) -> int:
 
 def fingerprint(config, dataset) -> dict:
   rc = {k: v for k, v in config.recover.to_dict().items() if k not in _EXECUTION_FIELDS}
-  return {"recover": rc, "seed": config.seed, "data": dataset.fingerprint()}
+  return {"recover": rc, "seed": config.seed, "data": dataset.fingerprint(),
+          **precision.resolve(config, "recover").fingerprint()}
 
 
 @dataclasses.dataclass
@@ -112,7 +114,7 @@ class Teachers:
   has_bn: dict
 
 
-def load_teachers(names, teachers_dir: str, dataset) -> Teachers:
+def load_teachers(names, teachers_dir: str, dataset, dtype=jnp.float32) -> Teachers:
   models, variables, has_bn = {}, {}, {}
   for name in names:
     path = os.path.join(teachers_dir, name)
@@ -121,7 +123,7 @@ def load_teachers(names, teachers_dir: str, dataset) -> Teachers:
           f"{path}: no teacher '{name}' (needed by the recover config); train it with the squeeze "
           f"stage (--config.stage=squeeze --config.squeeze.teachers=\"('{name}',)\") or import "
           "torchvision weights with `python -m prism_jax.tools.import_torchvision`")
-    model, var, _ = teacher_store.load_teacher(path, expected_class_names=dataset.class_names)
+    model, var, _ = teacher_store.load_teacher(path, expected_class_names=dataset.class_names, dtype=dtype)
     models[name], variables[name] = model, var
     images = jax.ShapeDtypeStruct((2, dataset.image_size, dataset.image_size, 3), jnp.float32)
     out = jax.eval_shape(functools.partial(bn_stats.forward_with_bn_stats, model), var, images)
@@ -200,7 +202,7 @@ def run(config, workdir: str, mesh) -> dict:
   pieces = parse_teacher_pieces(rc.teacher_pieces, order)
   if rc.units_per_device < 1:
     raise ValueError(f"recover.units_per_device={rc.units_per_device}: expected >= 1")
-  teachers = load_teachers(order, teachers_dir, dataset)
+  teachers = load_teachers(order, teachers_dir, dataset, dtype=precision.resolve(config, "recover").compute_dtype)
   bn_candidates = spec.all_bn_teachers()
   bn_less = [t for t in bn_candidates if not teachers.has_bn[t]]
   if len(bn_less) == len(bn_candidates):

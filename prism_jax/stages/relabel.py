@@ -21,7 +21,7 @@ from prism_jax.data import image_sets, sources
 from prism_jax.io import artifacts, monitoring, teacher_store
 from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.relabel import aggregate, labeler, store, views
-from prism_jax.train import losses, protocols
+from prism_jax.train import losses, precision, protocols
 
 MODES = ("stored", "online")
 
@@ -71,8 +71,9 @@ def plan_shape(image_set, batch_size: int) -> int:
   return batches
 
 
-def load_teacher_set(names, directory: str, dataset):
-  """(models, variables, checksums) of the relabel teachers, checked against the data's classes."""
+def load_teacher_set(names, directory: str, dataset, dtype=jnp.float32):
+  """(models, variables, checksums) of the relabel teachers, checked against the data's classes;
+  `dtype` is their compute dtype (the precision policy)."""
   models, variables, sums = [], [], {}
   for name in names:
     path = os.path.join(directory, name)
@@ -80,7 +81,7 @@ def load_teacher_set(names, directory: str, dataset):
       raise artifacts.ArtifactError(
           f"{path}: no teacher '{name}' (named in relabel.teachers); run the squeeze stage for it "
           "or import torchvision weights")
-    model, var, meta = teacher_store.load_teacher(path, expected_class_names=dataset.class_names)
+    model, var, meta = teacher_store.load_teacher(path, expected_class_names=dataset.class_names, dtype=dtype)
     models.append(model); variables.append(var); sums[name] = meta["variables_sha256"]
   return tuple(models), tuple(variables), sums
 
@@ -98,7 +99,8 @@ def fingerprint(config, dataset, image_set, teacher_sums: dict) -> dict:
           "teachers": teacher_sums, "aggregation": rl.aggregation,
           "views": {**view_settings(config), "image_size": dataset.image_size},
           "seed": config.seed, "batch_size": tr.batch_size, "epochs": tr.epochs,
-          "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
+          "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)},
+          **precision.resolve(config, "relabel").fingerprint()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +135,8 @@ def relabel_set(config, workdir: str, dataset, image_set, mesh) -> dict:
     print(f"[{tag}] online mode: soft labels are computed inside the student step", flush=True)
     return {"mode": "online"}
   out_dir = os.path.join(image_sets.set_dir(workdir, image_set.name), "relabel")
-  models, teacher_vars, sums = load_teacher_set(tuple(rl.teachers), teachers_dir(config, workdir), dataset)
+  models, teacher_vars, sums = load_teacher_set(tuple(rl.teachers), teachers_dir(config, workdir), dataset,
+                                                dtype=precision.resolve(config, "relabel").compute_dtype)
   fp = fingerprint(config, dataset, image_set, sums)
   index = store.read_index(out_dir)
   if index is not None:

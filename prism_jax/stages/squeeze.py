@@ -21,7 +21,7 @@ from prism_jax.data import augment as aug
 from prism_jax.data import pipeline, sources
 from prism_jax.io import artifacts, monitoring, teacher_store
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.train import loop, optim, state as state_lib, steps
+from prism_jax.train import loop, optim, precision, state as state_lib, steps
 
 # Fields that do not change the trained weights (allowed to differ when resuming).
 _NON_RECIPE_FIELDS = ("teachers", "eval_every_epochs", "eval_batch_size", "log_every_steps",
@@ -74,7 +74,8 @@ def squeeze_teacher(config, name: str, dataset, workdir: str, mesh) -> float:
   out_dir = teacher_dir(workdir, name)
   model_spec = dict(name=name, num_classes=dataset.num_classes, stem=sq.stem, width=sq.width,
                     image_size=dataset.image_size)
-  fingerprint = {"model": model_spec, "data": dataset.fingerprint(), **recipe(config)}
+  policy = precision.resolve(config, "squeeze")
+  fingerprint = {"model": model_spec, "data": dataset.fingerprint(), **recipe(config), **policy.fingerprint()}
   if teacher_store.is_complete(out_dir):
     meta = teacher_store.load_meta(out_dir)
     artifacts.check_same(f"teacher '{name}'", os.path.join(out_dir, teacher_store.META_FILE),
@@ -92,7 +93,8 @@ def squeeze_teacher(config, name: str, dataset, workdir: str, mesh) -> float:
                                  int(round(sq.warmup_epochs * batches.steps_per_epoch)))
   tx = optim.make_optimizer(sq.optimizer, schedule, weight_decay=sq.weight_decay,
                             momentum=sq.momentum, nesterov=sq.nesterov)
-  model = models.create_model(name, num_classes=dataset.num_classes, stem=sq.stem, width=sq.width)
+  model = models.create_model(name, num_classes=dataset.num_classes, stem=sq.stem, width=sq.width,
+                              dtype=policy.compute_dtype)
   key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()))
   init_key, train_key = jax.random.split(key)
   image_shape = (dataset.image_size, dataset.image_size, 3)

@@ -26,7 +26,7 @@ from prism_jax.io import artifacts, fs, monitoring
 from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.relabel import store, views
 from prism_jax.stages import relabel as relabel_stage
-from prism_jax.train import loop, optim, schedules, steps, student
+from prism_jax.train import loop, optim, precision, schedules, steps, student
 
 STUDENT_FILE = "student.json"
 SUMMARY_FILE = "summary.json"
@@ -167,7 +167,7 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
   out_dir = student_dir(workdir, image_set.name, seed)
   spec = relabel_stage.view_spec(config, dataset)
   fp = {"image_set": image_set.fingerprint(), "data": dataset.fingerprint(), "seed": seed,
-        "relabel_seed": config.seed, **recipe(config)}
+        "relabel_seed": config.seed, **recipe(config), **precision.resolve(config, "train").fingerprint()}
   hard_only = relabel_stage.uses_hard_labels_only(config)
   online = rl.mode == "online" and not hard_only
   labels = None if online or hard_only else _StoredLabels(config, workdir, dataset, image_set)
@@ -184,13 +184,15 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
   teacher_models, teacher_vars = None, None
   if online:
     teacher_models, teacher_vars, _ = relabel_stage.load_teacher_set(
-        tuple(rl.teachers), relabel_stage.teachers_dir(config, workdir), dataset)
+        tuple(rl.teachers), relabel_stage.teachers_dir(config, workdir), dataset,
+        dtype=precision.resolve(config, "relabel").compute_dtype)
     teacher_vars = mesh_lib.replicate(teacher_vars, train_mesh)
 
   lr = schedules.make_schedule(tr.schedule, tr.learning_rate, tr.epochs, batches,
                                zeta=tr.zeta if tr.zeta > 0 else None, warmup_epochs=tr.warmup_epochs)
   tx = optim.make_optimizer(tr.optimizer, lr, weight_decay=tr.weight_decay, momentum=tr.momentum)
-  model = models.create_model(tr.student, num_classes=dataset.num_classes, stem=tr.stem, width=tr.width)
+  model = models.create_model(tr.student, num_classes=dataset.num_classes, stem=tr.stem, width=tr.width,
+                              dtype=precision.resolve(config, "train").compute_dtype)
   key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(f"student/{tr.student}".encode()))
   init_key, train_key = jax.random.split(key)
   image_shape = (dataset.image_size, dataset.image_size, 3)

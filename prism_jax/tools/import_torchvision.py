@@ -14,6 +14,7 @@ mis-shaped tensor stops with its name), and writes a teacher directory via `io.t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -41,8 +42,14 @@ def imagenet_class_names() -> tuple[str, ...]:
   Read from the label file that ships with tensorflow-datasets (no download), so imported teachers
   carry the class names the `tfds` and `imagenetfolder` data sources produce.
   """
-  from importlib import resources
-  text = resources.files("tensorflow_datasets").joinpath("datasets/imagenet2012/labels.txt").read_text()
+  import importlib.util
+  spec = importlib.util.find_spec("tensorflow_datasets")  # finds the package without importing it
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError("the ImageNet-1K class names are read from tensorflow-datasets, which is not installed: "
+                     "pass --class-names FILE (one synset id per line, in torchvision's order)")
+  labels = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "imagenet2012", "labels.txt")
+  with open(labels) as f:
+    text = f.read()
   names = tuple(line.strip() for line in text.splitlines() if line.strip())
   if len(names) != 1000:
     raise ValueError(f"tensorflow_datasets imagenet2012 labels.txt lists {len(names)} classes, expected 1000")

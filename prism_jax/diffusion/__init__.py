@@ -1,0 +1,1 @@
+"""Diffusion backbone (SPEC section 11): DiT, the Stable Diffusion VAE, the diffusion process and DDIM."""

@@ -1,0 +1,33 @@
+"""Nested variable trees addressed by key paths: what the weight converters (torchvision, DiT, VAE)
+share to fill Flax variables from a flat state_dict and to compare them with what a model expects."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def flat_shapes(tree: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{('params', 'layer', 'kernel'): shape, ...} of every leaf."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
+    flat[tuple(str(getattr(p, "key", p)) for p in path)] = tuple(np.shape(leaf))
+  return flat
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+  """tree[path[0]][path[1]]... = value, creating the intermediate dicts."""
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]):
+  """tree[path[0]][path[1]]..., or None where a part is missing."""
+  for part in path:
+    if not isinstance(tree, Mapping) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree

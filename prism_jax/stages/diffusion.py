@@ -1,0 +1,396 @@
+"""Diffusion stage: trains a class-conditional DiT on the real training split, or checks an imported one.
+
+`config.diffusion.model` names a DiT size ('T/2', 'S/2', ...): the stage trains it in pixel space
+(`config.diffusion.space='pixel'`: images scaled to [-1, 1], input size = the data's image size, 3
+channels) or in the latent space of the VAE in `config.diffusion.vae_dir` (`space='latent'`: the
+training images are encoded once, posterior mean x scaling factor, and cached in
+`<workdir>/diffusion/latents.npz`; input size = image size / the VAE's downsampling factor, channels =
+its latent channels; see prism_jax/diffusion/latents.py) with DiT's recipe
+(prism_jax/diffusion/training.py: AdamW, EMA, label dropout to the null class), data-parallel over
+the mesh, with orbax checkpoints in `<workdir>/diffusion/ckpt` (a killed run resumes exactly), and
+writes
+  <workdir>/diffusion/model/      the EMA weights as a diffusion_store 'dit' directory; its model.json
+                                  holds the training fingerprint, the evaluation-loss history, `space`
+                                  and (latent space) `vae`: the VAE's directory and checksum
+  <workdir>/diffusion/samples.png samples_per_class rows x one column per class: DDIM + CFG samples
+                                  of the EMA model (per-example keys, so any device count agrees),
+                                  decoded by the VAE in latent space
+The evaluation loss is the ε-MSE of the live and the EMA parameters on a fixed batch of training
+images with fixed timesteps and noise (no label dropout), every `log_every_steps`.
+
+`config.diffusion.import_dir` names an imported DiT instead: the stage checks that its input size and
+channels are the data's (pixel space) or the VAE's latents' (latent space: `vae_dir` is required), that
+its classes are the data's (or that `class_map` maps every data class to one of the model's classes)
+and records that in `<workdir>/diffusion/imported.json`; nothing is trained. With both '' the stage does nothing.
+A finished stage is not redone, and one made with a different configuration is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from prism_jax.data import pipeline, sources
+from prism_jax.diffusion import dit as dit_lib
+from prism_jax.diffusion import latents as latents_lib
+from prism_jax.diffusion import sampling, training
+from prism_jax.diffusion import schedule as schedule_lib
+from prism_jax.io import artifacts, diffusion_store, fs, monitoring
+from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.train import loop
+
+IMPORT_FILE = "imported.json"
+SAMPLES_FILE = "samples.png"
+# Fields that do not change the trained weights (allowed to differ when resuming or rerunning). The
+# VAE's path is one: what matters is its checksum, which the latent-space fingerprint holds.
+_NON_RECIPE_FIELDS = ("import_dir", "class_map", "log_every_steps", "checkpoint_every_steps",
+                      "keep_checkpoints", "sample_steps", "cfg_scale", "samples_per_class", "vae_dir",
+                      "sample_every_steps")
+
+
+def stage_dir(workdir: str) -> str:
+  return os.path.join(workdir, "diffusion")
+
+
+def model_dir(workdir: str) -> str:
+  return os.path.join(stage_dir(workdir), "model")
+
+
+def latents_path(workdir: str) -> str:
+  return os.path.join(stage_dir(workdir), latents_lib.LATENTS_FILE)
+
+
+def recipe(config: ml_collections.ConfigDict) -> dict:
+  """The part of the configuration that determines the trained weights."""
+  dc = config.diffusion.to_dict()
+  return {"diffusion": {k: v for k, v in dc.items() if k not in _NON_RECIPE_FIELDS}, "seed": config.seed}
+
+
+def resolve_model(workdir: str) -> tuple[str, tuple[int, ...] | None]:
+  """(DiT directory, class map or None) that this work directory's diffusion stage provides."""
+  marker = os.path.join(stage_dir(workdir), IMPORT_FILE)
+  if fs.exists(marker):
+    info = artifacts.read_json(marker)
+    return info["import_dir"], (tuple(info["class_map"]) if info.get("class_map") else None)
+  if diffusion_store.is_complete(model_dir(workdir)):
+    return model_dir(workdir), None
+  raise artifacts.ArtifactError(f"{stage_dir(workdir)}: no DiT here; run the diffusion stage first "
+                                "(config.diffusion.model to train one, config.diffusion.import_dir to use an "
+                                "imported one)")
+
+
+def resolve_vae(workdir: str) -> dict | None:
+  """{'dir', 'variables_sha256', ...} of the VAE whose latent space this work directory's DiT works in, or
+  None for a pixel-space DiT (read from imported.json or the trained model's model.json)."""
+  marker = os.path.join(stage_dir(workdir), IMPORT_FILE)
+  if fs.exists(marker):
+    info = artifacts.read_json(marker)
+  else:
+    resolve_model(workdir)
+    info = diffusion_store.load_meta(model_dir(workdir), kind="dit")
+  return info.get("vae") if info.get("space") == "latent" else None
+
+
+def _input_shape(config: ml_collections.ConfigDict, dataset) -> tuple[int, int, dict | None]:
+  """(side, channels, VAE info or None) of what the DiT sees: pixels, or the VAE's latents."""
+  dc = config.diffusion
+  if dc.space == "pixel":
+    return dataset.image_size, 3, None
+  info = latents_lib.vae_info(dc.vae_dir)
+  side, channels = latents_lib.latent_shape(info, dataset.image_size)
+  return side, channels, info
+
+
+def _vae_record(info: dict) -> dict:
+  return {k: info[k] for k in ("dir", "variables_sha256", "downsampling_factor", "latent_channels",
+                               "scaling_factor")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+  dc = config.diffusion
+  if dc.import_dir:
+    return check_import(config, workdir)
+  if not dc.model:
+    print("[diffusion] nothing to do: config.diffusion.model and config.diffusion.import_dir are ''", flush=True)
+    return {}
+  if dc.space not in ("pixel", "latent"):
+    raise ValueError(f"config.diffusion.space={dc.space!r}: expected 'pixel' or 'latent'")
+  return train(config, workdir, mesh)
+
+
+# ----------------------------------------------------------------------------- imported model
+
+def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Checks the imported DiT's classes against the data's and records the result."""
+  dc = config.diffusion
+  source = dc.import_dir
+  if not fs.exists(source) or not fs.isdir(source):
+    raise ValueError(f"config.diffusion.import_dir={source!r}: directory not found; expected a DiT imported "
+                     "with `python -m prism_jax.tools.import_dit` (a diffusion_store directory)")
+  meta = diffusion_store.load_meta(source, kind="dit")
+  try:
+    spec = dit_lib.check_spec(meta["spec"])
+  except ValueError as err:
+    raise artifacts.ArtifactError(f"{os.path.join(source, diffusion_store.META_FILE)}: {err}") from None
+  dataset = sources.open_dataset(config.data)
+  side, channels, vae_info = _input_shape(config, dataset)
+  if (spec["input_size"], spec["in_channels"]) != (side, channels):
+    seen = (f"the data's {dataset.image_size} px images ({side}x{side}x{channels}, config.diffusion.space="
+            "'pixel')" if vae_info is None else
+            f"the {side}x{side}x{channels} latents of the data's {dataset.image_size} px images (config.diffusion."
+            f"space='latent', VAE {vae_info['dir']})")
+    raise ValueError(f"{os.path.join(source, diffusion_store.META_FILE)}: the DiT takes {spec['input_size']}x"
+                     f"{spec['input_size']}x{spec['in_channels']} inputs, but it would see {seen}")
+  data_names = list(dataset.class_names)
+  model_names = meta.get("class_names")
+  num_model_classes = int(spec.get("num_classes", len(model_names or ())))
+  class_map = [int(i) for i in dc.class_map]
+  by_name = False
+  if class_map:
+    if len(class_map) != dataset.num_classes:
+      raise ValueError(f"config.diffusion.class_map has {len(class_map)} entries; expected one per data class "
+                       f"({dataset.num_classes}: {data_names})")
+    bad = [i for i in class_map if not 0 <= i < num_model_classes]
+    if bad:
+      raise ValueError(f"config.diffusion.class_map={tuple(class_map)}: index {bad[0]} is outside the "
+                       f"{num_model_classes} classes of the DiT in {source}")
+    if len(set(class_map)) != len(class_map):
+      raise ValueError(f"config.diffusion.class_map={tuple(class_map)}: two data classes map to the same model "
+                       "class; expected distinct indices")
+  elif model_names != data_names and model_names and set(data_names) <= set(model_names):
+    # An ImageNet subset (Imagenette, Imagewoof, ...): its classes are synset ids the 1000-class
+    # model also has, so each data class maps to the model class of the same name.
+    class_map = [list(model_names).index(name) for name in data_names]
+    by_name = True
+  elif model_names != data_names:
+    shown = (model_names[:10] + ["..."] if model_names and len(model_names) > 10 else model_names)
+    raise ValueError(f"config.diffusion.import_dir={source!r}: the DiT's {num_model_classes} classes "
+                     f"{shown} are not the data's {dataset.num_classes} classes {data_names[:10]}; set "
+                     "config.diffusion.class_map to the model's class index of each data class (e.g. the "
+                     "ImageNet indices of an ImageNet subset)")
+  record = {"import_dir": source, "class_map": class_map or None, "spec": spec,
+            "variables_sha256": meta.get("variables_sha256"), "data": dataset.fingerprint(),
+            "model_class_names": model_names}
+  if vae_info is not None:
+    record.update(space="latent", vae=_vae_record(vae_info))
+  marker = os.path.join(stage_dir(workdir), IMPORT_FILE)
+  if fs.exists(marker):
+    artifacts.check_same("the imported DiT record", marker, record, artifacts.read_json(marker))
+    print(f"[diffusion] already checked: imported DiT {source}", flush=True)
+  elif jax.process_index() == 0:
+    artifacts.write_json(marker, artifacts.to_jsonable(record))
+    print(f"[diffusion] imported DiT {source}: {dataset.num_classes} data classes "
+          f"{'mapped by class name' if by_name else 'mapped by config.diffusion.class_map' if class_map else 'match the model'}"
+          f" -> {marker}", flush=True)
+  return {"model_dir": source, "class_map": class_map or None}
+
+
+# ----------------------------------------------------------------------------- training
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def sample_grid(samples: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  """(rows * cols, H, W, C) uint8, row-major -> one (rows * H, cols * W, C) image."""
+  _, h, w, c = samples.shape
+  return samples[:rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def _eval_loss(params, images, labels, index, key, *, apply_fn, schedule, num_classes, prepare):
+  x0 = prepare(images)
+  t, noise, y = training.training_inputs(key, index, labels, x0.shape[1:], num_timesteps=schedule.num_timesteps,
+                                         num_classes=num_classes, label_dropout=0.0)
+  x_t = schedule_lib.q_sample(schedule, x0, t, noise)
+  out = apply_fn({"params": params}, x_t, t, y).astype(jnp.float32)
+  return jnp.mean(schedule_lib.epsilon_loss(out, noise, x0.shape[-1]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+  dc = config.diffusion
+  dataset = sources.open_dataset(config.data)
+  side, channels, vae_info = _input_shape(config, dataset)
+  try:
+    spec = dit_lib.dit_spec(dc.model, input_size=side, in_channels=channels,
+                            num_classes=dataset.num_classes, learn_sigma=True)
+  except ValueError as err:
+    where = (f"{dataset.image_size} px data" if vae_info is None else
+             f"the {side}x{side}x{channels} latents of {dataset.image_size} px data")
+    raise ValueError(f"config.diffusion.model={dc.model!r} on {where}: {err}") from None
+  out_dir, final_dir = stage_dir(workdir), model_dir(workdir)
+  fingerprint = {"spec": spec, "data": dataset.fingerprint(), **recipe(config)}
+  if vae_info is not None:
+    fingerprint["vae"] = {"variables_sha256": vae_info["variables_sha256"], "spec": vae_info["spec"]}
+  if diffusion_store.is_complete(final_dir):
+    meta = diffusion_store.load_meta(final_dir, kind="dit")
+    artifacts.check_same("the trained DiT", os.path.join(final_dir, diffusion_store.META_FILE),
+                         fingerprint, meta.get("fingerprint", {}))
+    history = meta.get("history") or [{}]
+    print(f"[diffusion] already trained: DiT-{dc.model}, final eval loss "
+          f"{history[-1].get('loss', float('nan')):.4f} ({final_dir})", flush=True)
+    return {"model_dir": final_dir, **{k: v for k, v in history[-1].items()}}
+
+  num_devices = mesh.devices.size
+  if dc.batch_size % num_devices:
+    raise ValueError(f"config.diffusion.batch_size={dc.batch_size} must be divisible by the {num_devices} devices")
+  if vae_info is None:
+    train_data, prepare = dataset, normalize
+  else:
+    vae_model, vae_variables = latents_lib.load_vae(vae_info)
+    cache = latents_path(workdir)
+    train_latents = latents_lib.load_or_encode(
+        cache, latents_lib.cache_fingerprint(dataset, "train", vae_info),
+        lambda: latents_lib.encode_split(vae_model, vae_variables, dataset, "train", mesh))
+    print(f"[diffusion] latent space: {len(train_latents)} train images -> {side}x{side}x{channels} latents "
+          f"(std {float(train_latents.std()):.3f}) with the VAE in {vae_info['dir']} -> {cache}", flush=True)
+    train_data, prepare = latents_lib.LatentData(dataset, "train", train_latents), _identity
+  batches = pipeline.TrainBatches(train_data, "train", dc.batch_size, seed=config.seed, mesh=mesh)
+  model = dit_lib.create_dit(spec)
+  schedule = schedule_lib.DiffusionSchedule.linear()
+  tx = training.make_optimizer(dc.learning_rate, weight_decay=dc.weight_decay)
+  key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(b"diffusion"))
+  init_key, train_key, eval_key, sample_key = jax.random.split(key, 4)
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
+  state = jax.jit(lambda k: training.create_train_state(dit_lib.init_dit(model, k)["params"], tx),
+                  out_shardings=replicated)(init_key)
+
+  step_kwargs = dict(apply_fn=model.apply, schedule=schedule, tx=tx, num_classes=dataset.num_classes,
+                     label_dropout=dc.label_dropout, ema_decay=dc.ema_decay, learn_sigma_loss=dc.learn_sigma_loss)
+
+  def step_fn(train_state, images, labels, index, step_key):
+    batch = {"images": prepare(images), "labels": labels, "index": index}
+    return training.train_step(train_state, batch, step_key, **step_kwargs)
+
+  train_step = jax.jit(step_fn, in_shardings=(replicated, data, data, data, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  rows = batches.local_rows
+
+  def get_batch(step):
+    images, labels = batches.get(step)
+    index = batches.indices(step)[rows].astype(np.int32)
+    return images, labels, mesh_lib.put_global_batch(index, dc.batch_size, mesh)
+
+  # Fixed evaluation batch: the first batch_size training images, fixed t / noise, no label dropout.
+  eval_index = np.arange(dc.batch_size, dtype=np.int32)[rows]
+  eval_batch = (mesh_lib.put_global_batch(train_data.read("train", eval_index), dc.batch_size, mesh),
+                mesh_lib.put_global_batch(dataset.labels("train")[eval_index].astype(np.int32), dc.batch_size, mesh),
+                mesh_lib.put_global_batch(eval_index, dc.batch_size, mesh))
+  eval_loss = jax.jit(functools.partial(_eval_loss, apply_fn=model.apply, schedule=schedule,
+                                        num_classes=dataset.num_classes, prepare=prepare),
+                      in_shardings=(replicated, data, data, data, replicated), out_shardings=replicated)
+
+  def sample_images(params) -> np.ndarray:
+    """The sample grid (uint8) of `params`: samples_per_class rows, one column per class."""
+    samples = sample_ema(params, model, schedule, sample_key, mesh, num_classes=dataset.num_classes,
+                         samples_per_class=dc.samples_per_class, num_steps=dc.sample_steps, cfg_scale=dc.cfg_scale)
+    if vae_info is not None:
+      samples = latents_lib.decode_to_images(vae_model, vae_variables, samples, mesh)
+    return sample_grid(to_uint8(samples), dc.samples_per_class, dataset.num_classes)
+
+  def evaluate(train_state):
+    step = int(train_state.step)
+    if dc.sample_every_steps and step % dc.sample_every_steps == 0 and step < dc.steps:
+      writer.write_images(step, {"diffusion/samples": sample_images(train_state.ema_params)})
+    return {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
+            "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
+
+  writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", "diffusion"))
+  settings = loop.LoopSettings(
+      total_steps=dc.steps, steps_per_epoch=batches.steps_per_epoch, log_every_steps=dc.log_every_steps,
+      eval_every_steps=dc.log_every_steps, checkpoint_every_steps=dc.checkpoint_every_steps,
+      keep_checkpoints=dc.keep_checkpoints, items_per_step=dc.batch_size,
+      progress_interval_s=config.progress_interval_s)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  inputs = (f"{dataset.image_size} px" if vae_info is None else
+            f"{dataset.image_size} px ({side}x{side}x{channels} latents)")
+  print(f"[diffusion] DiT-{dc.model} ({num_params / 1e6:.2f}M parameters) on {dataset.name}: "
+        f"{batches.num_examples} train images at {inputs}, {dc.steps} steps, batch "
+        f"{dc.batch_size} over {num_devices} device(s)", flush=True)
+  start = time.perf_counter()
+  try:
+    state, history, timing = loop.train_loop(
+        name="diffusion", state=state, step_fn=train_step, get_batch=get_batch, evaluate=evaluate,
+        base_key=train_key, settings=settings, checkpoint_dir=os.path.join(out_dir, "ckpt"),
+        run_fingerprint=fingerprint, writer=writer)
+  finally:
+    batches.close()
+
+  grid = sample_images(state.ema_params)
+  writer.write_images(dc.steps, {"diffusion/samples": grid})
+  writer.close()
+  if jax.process_index() == 0:
+    artifacts.write_bytes(os.path.join(out_dir, SAMPLES_FILE), _png_bytes(grid))
+    diffusion_store.save_model(
+        final_dir, kind="dit", variables={"params": state.ema_params}, spec=spec,
+        class_names=dataset.class_names, source={"trained_by": "prism_jax diffusion stage", "ema": True},
+        extra={"fingerprint": fingerprint, "history": history, "space": dc.space,
+               **({} if vae_info is None else {"vae": _vae_record(vae_info)}),
+               "timing_last_run": {**timing, "wall_seconds": time.perf_counter() - start}})
+  final = history[-1]
+  print(f"[diffusion] eval loss {history[0]['loss']:.4f} (step {history[0]['step']}) -> {final['loss']:.4f} "
+        f"(EMA {final['ema_loss']:.4f}) -> {final_dir}, {os.path.join(out_dir, SAMPLES_FILE)}", flush=True)
+  return {"model_dir": final_dir, **final}
+
+
+def sample_ema(params, model, schedule, key: jax.Array, mesh, *, num_classes: int, samples_per_class: int,
+               num_steps: int, cfg_scale: float) -> np.ndarray:
+  """(samples_per_class * num_classes, H, W, C) DDIM samples in [-1, 1], row r = sample r of every class;
+  sample i uses the key fold_in(key, i), so the result does not depend on the device count."""
+  count = samples_per_class * num_classes
+  num_devices = mesh.devices.size
+  padded = -(-count // num_devices) * num_devices
+  index = np.arange(padded, dtype=np.int32)
+  labels = (index % num_classes).astype(np.int32)
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
+  rows = mesh_lib.local_batch_slice(padded, mesh)
+
+  labels = mesh_lib.put_global_batch(labels[rows], padded, mesh)
+  index = mesh_lib.put_global_batch(index[rows], padded, mesh)
+  if sampling.host_loop_by_default():  # CPU: one compiled step driven from the host (sampling.py)
+    keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), out_shardings=data)(key, index)
+    out = sampling.sample_class_conditional_host(
+        model.apply, {"params": params}, labels, keys, shape=(model.input_size, model.input_size, model.in_channels),
+        num_classes=num_classes, schedule=schedule, num_steps=num_steps, cfg_scale=cfg_scale)
+    out = jax.jit(lambda x: x, out_shardings=replicated)(out)
+  else:
+    out = _sampler(model, num_classes, num_steps, float(cfg_scale), replicated, data)(params, labels, index, key,
+                                                                                     schedule)
+  return np.asarray(out.addressable_shards[0].data)[:count]
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(model, num_classes: int, num_steps: int, cfg_scale: float, replicated, data):
+  """One jitted sampler per model and setting (the periodic TensorBoard grids reuse it)."""
+
+  def sample(p, labels, index, key, schedule):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    return sampling.sample_class_conditional(
+        model.apply, {"params": p}, labels, keys, shape=(model.input_size, model.input_size, model.in_channels),
+        num_classes=num_classes, schedule=schedule, num_steps=num_steps, cfg_scale=cfg_scale)
+
+  return jax.jit(sample, in_shardings=(replicated, data, data, replicated, replicated), out_shardings=replicated)
