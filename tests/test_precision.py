@@ -96,3 +96,27 @@ def test_bfloat16_compute_trains_like_float32_and_keeps_float32_state():
   from prism_jax.models import bn_stats
   out = bn_stats.forward_with_bn_stats(model16, variables, jnp.ones((2, 8, 8, 3)))
   assert out.bn and all(s.batch_mean.dtype == jnp.float32 and s.batch_var.dtype == jnp.float32 for s in out.bn)
+
+
+def test_squeeze_stage_with_bfloat16_policy_stores_float32_and_records_it(tmp_path):
+  """The stage wiring: the policy reaches the model (bfloat16 compute), the stored teacher stays
+  float32, and the non-default policy is part of the fingerprint (so a float32 rerun is refused)."""
+  from recover_utils import write_tiny_arrays
+  from prism_jax.io import artifacts, teacher_store
+  from prism_jax.parallel import mesh as mesh_lib
+  from prism_jax.stages import run_stage
+  config = common.base_config()
+  config.data = common.data_config(source="arrays", name="tiny", path=write_tiny_arrays(str(tmp_path / "data")))
+  sq = config.squeeze
+  sq.teachers, sq.width, sq.epochs, sq.batch_size, sq.eval_batch_size = ("resnet18",), 0.125, 1.0, 8, 8
+  sq.warmup_epochs, sq.eval_every_epochs = 0.0, 0.0
+  config.precision.squeeze.compute_dtype = "bfloat16"
+  workdir = str(tmp_path / "work")
+  mesh = mesh_lib.make_mesh(1)
+  run_stage("squeeze", config, workdir, mesh)
+  model, variables, meta = teacher_store.load_teacher(f"{workdir}/teachers/resnet18")
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert meta["fingerprint"]["precision"] == {"compute_dtype": "bfloat16", "matmul_precision": "default"}
+  config.precision.squeeze.compute_dtype = "float32"
+  with pytest.raises(artifacts.ArtifactError, match="precision"):
+    run_stage("squeeze", config, workdir, mesh)

@@ -23,7 +23,9 @@ On CPU (`recover.teacher_gating='static'`, the default there) a program runs one
 evaluates a static set of teachers (those any unit of the wave uses at that iteration) with no
 loop and no conditional, because XLA:CPU runs convolutions nested in a loop or a conditional
 about 3.5x slower; the host drives the iterations and one program is compiled per distinct
-teacher set. Images are the same either way (a teacher a unit does not use contributes exactly 0).
+teacher set (each teacher's part is traced once per process and replayed into every such program,
+see `_teacher_terms_jaxpr`). Images are the same either way (a teacher a unit does not use
+contributes exactly 0).
 
 `teacher_pieces[k] = c > 1` splits a recovery batch into c pieces for teacher k and still takes
 the exact gradient of the whole-batch objective: a forward pass over the pieces sums each BN
@@ -36,9 +38,11 @@ activations shrink c-fold for one extra forward pass; this is how a memory-hungr
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -165,6 +169,43 @@ def teacher_loss_grad(x, labels, ce_weight, bn_weight, model, variables, cfg: St
   return grad, ce_weight * jnp.sum(ce_parts), bn_weight * bn_loss
 
 
+def _teacher_terms(augmented, labels, ce_weights, bn_weights, variables, *, model, cfg: StepConfig,
+                   pieces: int):
+  """One teacher's (grad, ce, bn) for each of a device's units (vmapped `teacher_loss_grad`)."""
+  fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, pieces)
+  return jax.vmap(fn)(augmented, labels, ce_weights, bn_weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_terms_jaxpr(model, cfg: StepConfig, pieces: int, in_tree, in_avals, abstract_mesh):
+  """`_teacher_terms` traced once to a jaxpr for these static settings and input types.
+
+  Under static gating one program is traced per distinct teacher set (up to 2^n of them), and
+  each trace used to re-run every teacher's Flax forward pass, autodiff and vmap in Python: about
+  90% of the tracing time. A teacher's part of the program depends only on (model, cfg, pieces)
+  and the input types, so it is traced once per process and replayed into every later program
+  (`_replay_teacher_terms`). Replaying binds exactly the primitives, in the same order and with
+  the same parameters, that tracing `_teacher_terms` in place emits, so the programs (and their
+  persistent-cache keys and results) are unchanged: the lowered programs are byte-identical.
+  The key holds the full input types and the abstract mesh of the calling context (inside the
+  wave program's shard_map), so a jaxpr is only replayed where it was traced.
+  """
+  def flat_fn(*flat):
+    return _teacher_terms(*jax.tree_util.tree_unflatten(in_tree, flat), model=model, cfg=cfg,
+                          pieces=pieces)
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+      *(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in in_avals))
+  return closed, jax.tree_util.tree_structure(out_shape)
+
+
+def _replay_teacher_terms(model, cfg: StepConfig, pieces: int, *args):
+  """`_teacher_terms(*args, ...)` inside a trace, from the jaxpr cached by `_teacher_terms_jaxpr`."""
+  flat, in_tree = jax.tree_util.tree_flatten(args)
+  closed, out_tree = _teacher_terms_jaxpr(model, cfg, pieces, in_tree, tuple(map(jax.typeof, flat)),
+                                          jax.sharding.get_abstract_mesh())
+  return jax.tree_util.tree_unflatten(out_tree, jex_core.jaxpr_as_fun(closed)(*flat))
+
+
 def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, cfg: StepConfig,
                     active: tuple[int, ...] | None = None):
   """Gradients w.r.t. the images of a device's units, plus each unit's CE and BN loss.
@@ -184,8 +225,12 @@ def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, 
 
   def one_teacher(k):
     model, variables = teachers[k]
-    fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, cfg.pieces(k))
-    grad, ce, bn = jax.vmap(fn)(augmented, labels, ce_weights[:, k], bn_weights[:, k])
+    if active is not None:  # static gating: one program per teacher set, see _teacher_terms_jaxpr
+      grad, ce, bn = _replay_teacher_terms(model, cfg, cfg.pieces(k), augmented, labels,
+                                           ce_weights[:, k], bn_weights[:, k], variables)
+    else:
+      fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, cfg.pieces(k))
+      grad, ce, bn = jax.vmap(fn)(augmented, labels, ce_weights[:, k], bn_weights[:, k])
     used = unit_used[:, k]
     # A unit that does not use teacher k gets exactly nothing from it (not 0 * a non-finite value).
     return (jnp.where(used[:, None, None, None, None], grad, 0.0), jnp.where(used, ce, 0.0),
