@@ -29,7 +29,6 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -323,17 +322,8 @@ def _check_pos_embed(tensor: np.ndarray, model: dit_lib.DiT) -> None:
 
 def check_variables(model: dit_lib.DiT, variables: Mapping[str, Any], source: str = "variables") -> None:
   """Raises ValueError naming the first key whose presence or shape differs from `model`'s variables."""
-  expected = tree_paths.flat_shapes(dit_lib.abstract_variables(model))
-  got = tree_paths.flat_shapes(variables)
-  for path, shape in expected.items():
-    name = "/".join(path)
-    if path not in got:
-      raise ValueError(f"{source}: missing key '{name}' (expected shape {shape})")
-    if got[path] != shape:
-      raise ValueError(f"{source}: key '{name}' has shape {got[path]}, the model of the spec expects {shape}")
-  for path, shape in got.items():
-    if path not in expected:
-      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), not in the model")
+  tree_paths.check_shapes(dit_lib.abstract_variables(model), variables, source=source,
+                          expected_by="the model of the spec")
 
 
 def load_dit(model_dir: str, dtype: Any = jnp.float32) -> tuple[dit_lib.DiT, dict[str, Any], dict[str, Any]]:

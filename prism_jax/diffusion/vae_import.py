@@ -241,17 +241,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], spec: Mapping[str, An
 def check_variables_match(model: vae.AutoencoderKL, variables: Mapping[str, Any],
                           source: str = "variables") -> None:
   """Raises ValueError naming the first key whose presence or shape differs from `model`'s."""
-  expected = tree_paths.flat_shapes(abstract_variables(model))
-  got = tree_paths.flat_shapes(variables)
-  for path, shape in expected.items():
-    name = "/".join(path)
-    if path not in got:
-      raise ValueError(f"{source}: missing key '{name}' (expected shape {shape})")
-    if got[path] != shape:
-      raise ValueError(f"{source}: key '{name}' has shape {got[path]}, the model expects {shape}")
-  for path, shape in got.items():
-    if path not in expected:
-      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), not in the model")
+  tree_paths.check_shapes(abstract_variables(model), variables, source=source)
 
 
 def load_vae(model_dir: str, dtype: Any = jnp.float32

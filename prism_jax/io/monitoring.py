@@ -18,7 +18,6 @@ import socket
 import struct
 import sys
 import time
-import warnings
 from typing import Any, Mapping
 
 import jax

@@ -221,18 +221,7 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
 def check_variables_match(model, variables: Mapping[str, Any], x_shape=(1, 32, 32, 3),
                           source: str = "variables") -> None:
   """Raises ValueError naming the first key whose presence or shape differs from `model`'s."""
-  expected = tree_paths.flat_shapes(_abstract_variables(model, x_shape))
-  got = tree_paths.flat_shapes(variables)
-  for path, shape in expected.items():
-    name = "/".join(path)
-    if path not in got:
-      raise ValueError(f"{source}: missing key '{name}' (expected shape {shape})")
-    if got[path] != shape:
-      raise ValueError(f"{source}: key '{name}' has shape {got[path]}, the model expects {shape}")
-  for path, shape in got.items():
-    if path not in expected:
-      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), "
-                       "not in the model")
+  tree_paths.check_shapes(_abstract_variables(model, x_shape), variables, source=source)
 
 
 def _abstract_variables(model, x_shape) -> Any:

@@ -31,3 +31,19 @@ def get_path(tree: Mapping, path: tuple[str, ...]):
       return None
     tree = tree[part]
   return tree
+
+
+def check_shapes(expected: Mapping[str, Any], got: Mapping[str, Any], *, source: str,
+                 expected_by: str = "the model") -> None:
+  """Raises ValueError naming the first key of `got` that is missing, mis-shaped or unexpected
+  against `expected` (a variables tree, or its jax.eval_shape)."""
+  expected_shapes, got_shapes = flat_shapes(expected), flat_shapes(got)
+  for path, shape in expected_shapes.items():
+    name = "/".join(path)
+    if path not in got_shapes:
+      raise ValueError(f"{source}: missing key '{name}' (expected shape {shape})")
+    if got_shapes[path] != shape:
+      raise ValueError(f"{source}: key '{name}' has shape {got_shapes[path]}, {expected_by} expects {shape}")
+  for path, shape in got_shapes.items():
+    if path not in expected_shapes:
+      raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), not in the model")
