@@ -276,12 +276,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], spec: Mapping[str, An
       if path not in expected:
         raise ValueError(f"key map ({layout}) targets '{'/'.join(path)}', which the model lacks")
       want = _torch_shape(kind, suffix, expected[path])
-    if torch_key not in state_dict:
-      raise ValueError(f"state_dict is missing key '{torch_key}' (expected shape {want}) for {where}")
-    tensor = np.asarray(state_dict[torch_key], dtype=np.float32)
-    if tuple(tensor.shape) != want:
-      raise ValueError(f"state_dict key '{torch_key}' has shape {tuple(tensor.shape)}, {where} "
-                       f"expects {want}")
+    tensor = tree_paths.take_tensor(state_dict, torch_key, want, missing_for=where, expected_by=where)
     consumed.add(torch_key)
     if kind == "pos_embed":
       _check_pos_embed(tensor, model)

@@ -219,13 +219,8 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], spec: Mapping[str, An
   for torch_key, path, kind, suffix in entries:
     if path not in expected:
       raise ValueError(f"VAE key map targets '{'/'.join(path)}', which the model lacks")
-    want = _torch_shape(kind, suffix, expected[path])
-    if torch_key not in state_dict:
-      raise ValueError(f"state_dict is missing key '{torch_key}' (expected shape {want}) for {where}")
-    tensor = np.asarray(state_dict[torch_key], dtype=np.float32)
-    if tuple(tensor.shape) != want:
-      raise ValueError(f"state_dict key '{torch_key}' has shape {tuple(tensor.shape)}, {where} "
-                       f"expects {want}")
+    tensor = tree_paths.take_tensor(state_dict, torch_key, _torch_shape(kind, suffix, expected[path]),
+                                    missing_for=where, expected_by=where)
     tree_paths.set_path(variables, path, _convert(tensor, kind, suffix))
   mapped = {torch_key for torch_key, _, _, _ in entries}
   for key in state_dict:

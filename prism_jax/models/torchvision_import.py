@@ -197,15 +197,8 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
   for torch_key, path, kind, suffix in _entries(KEY_MAPS[arch](arch)):
     if path not in expected:
       raise ValueError(f"key map of {arch} targets '{'/'.join(path)}', which the model lacks")
-    flax_shape = expected[path]
-    if torch_key not in state_dict:
-      raise ValueError(f"state_dict is missing key '{torch_key}' (expected shape "
-                       f"{_torch_shape(kind, suffix, flax_shape)}) for {arch}")
-    tensor = np.asarray(state_dict[torch_key], dtype=np.float32)
-    want = _torch_shape(kind, suffix, flax_shape)
-    if tuple(tensor.shape) != want:
-      raise ValueError(f"state_dict key '{torch_key}' has shape {tuple(tensor.shape)}, {arch} with "
-                       f"num_classes={num_classes} expects {want}")
+    tensor = tree_paths.take_tensor(state_dict, torch_key, _torch_shape(kind, suffix, expected[path]),
+                                    missing_for=arch, expected_by=f"{arch} with num_classes={num_classes}")
     tree_paths.set_path(variables, path, _convert(tensor, kind, suffix))
     consumed.add(torch_key)
   for key in state_dict:

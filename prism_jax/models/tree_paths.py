@@ -47,3 +47,14 @@ def check_shapes(expected: Mapping[str, Any], got: Mapping[str, Any], *, source:
   for path, shape in got_shapes.items():
     if path not in expected_shapes:
       raise ValueError(f"{source}: unexpected key '{'/'.join(path)}' (shape {shape}), not in the model")
+
+
+def take_tensor(state_dict: Mapping[str, Any], key: str, want: tuple[int, ...], *, missing_for: str,
+                expected_by: str) -> np.ndarray:
+  """state_dict[key] as float32 with shape `want`; else ValueError naming the key and both shapes."""
+  if key not in state_dict:
+    raise ValueError(f"state_dict is missing key '{key}' (expected shape {want}) for {missing_for}")
+  tensor = np.asarray(state_dict[key], dtype=np.float32)
+  if tuple(tensor.shape) != want:
+    raise ValueError(f"state_dict key '{key}' has shape {tuple(tensor.shape)}, {expected_by} expects {want}")
+  return tensor
