@@ -91,7 +91,7 @@ def main():
         write_teachers(teachers, ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet"), 0.25)
         rows += run_twice(run, os.path.join(ROOT, "configs/cifar10_prism.py") + ":ipc10",
                           ["--config.stage=recover", f"--config.data.path={os.path.abspath(args.cifar10)}",
-                           f"--config.recover.teachers_dir={teachers}", "--config.recover.iterations=120",
+                           f"--config.teachers_dir={teachers}", "--config.recover.iterations=120",
                            "--config.recover.iteration_step=10", "--config.recover.iterations_per_call=40",
                            "--config.recover.checkpoint_every_iterations=0", "--config.recover.remat=False"], root)
       else:

@@ -36,6 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
+
+from prism_jax import runtime  # noqa: E402
+
+runtime.configure_jax()
 import jax.numpy as jnp
 import numpy as np
 
@@ -177,57 +181,47 @@ def _tiny_arrays(directory: str, per_class: int = 16, size: int = 16) -> str:
 
 
 def part_quality(args, settings, deadline: float) -> list[dict]:
-  import quality_cifar10 as quality  # the CPU quality benchmark's configs, with this budget
-  from prism_jax.data import sources
+  """PRISM vs random_real per IPC with the multi-method config of configs/cifar10_compare.py (the
+  CPU quality benchmark's run) at this budget: teachers squeezed once, then per IPC one work directory
+  whose distill stage makes both sets."""
+  from configs import cifar10_compare
   from prism_jax.parallel import mesh as mesh_lib
-  from prism_jax.stages import run_stage, squeeze
+  from prism_jax.stages import run_stage
 
   budget = settings["budget"]
   cache = args.cache or tempfile.mkdtemp(prefix="prism_device_check_")
   mesh = mesh_lib.make_mesh(args.devices)
-  rows = []
-  qargs = argparse.Namespace(data=args.data, cache=cache, budget="device", protocol="prism", ipc=10)
-  teachers = settings.get("teachers", quality.TEACHERS)
+  teachers = settings.get("teachers", cifar10_compare.TEACHERS)
+  methods = ("random_real", "prism")
 
-  def shrink(config):  # --smoke: fewer teachers and a batch that fits the tiny sets; same code paths
-    if "teachers" in settings:
-      config.squeeze.teachers = teachers
-      config.recover.bn_pool, config.recover.k_max = teachers[1:], len(teachers)
-      config.relabel.teachers = teachers
-    if "student_batch" in settings:
+  def make(ipc: int):
+    config = cifar10_compare.make_config(budget, ipc=ipc, methods=methods, data_path=os.path.abspath(args.data),
+                                         teachers=teachers)
+    config.teachers_dir = os.path.join(cache, "teachers")
+    config.recover.units_per_device = settings["units_per_device"]
+    if "student_batch" in settings:  # --smoke: a batch that fits the tiny sets; same code paths
       config.train.batch_size, config.train.accumulation = settings["student_batch"], 1
     return config
 
-  config, teachers_dir = quality.base(qargs, budget)
-  config = shrink(config)
-  config.data.max_per_class = budget["max_per_class"]
-  config.progress_interval_s = 30.0
-  dataset = sources.open_dataset(config.data)
   t0 = time.perf_counter()
-  teacher_acc = {name: squeeze.squeeze_teacher(config, name, dataset, os.path.dirname(teachers_dir), mesh)
-                 for name in teachers}
+  teacher_acc = run_stage("squeeze", make(settings["ipcs"][0]), cache, mesh)
   squeeze_s = time.perf_counter() - t0
   print("quality: teachers " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in teacher_acc.items()) +
         f" ({squeeze_s:.0f} s)", flush=True)
+  rows = []
   for ipc in settings["ipcs"]:
-    for method in ("random_real", "prism"):
-      if time.perf_counter() > deadline:
-        rows.append({"ipc": ipc, "method": method, "skipped": "out of time"})
-        print(f"  IPC {ipc:3d} {method:12} skipped: out of time", flush=True)
-        continue
-      qargs.ipc = ipc
-      config = shrink(quality.method_config(qargs, budget, method))
-      config.recover.units_per_device = settings["units_per_device"]
-      workdir = os.path.join(cache, f"ipc{ipc}", method)
-      times = {}
-      for stage in (("relabel", "train") if method == "random_real" else ("recover", "relabel", "train")):
-        s0 = time.perf_counter()
-        result = run_stage(stage, config, workdir, mesh)
-        times[f"{stage}_s"] = time.perf_counter() - s0
-      summary = next(iter(result.values()))  # the train stage's summary of this method's one image set
-      row = {"ipc": ipc, "method": method, **times, "top1_best": summary["best_top1"],
-             "top1_last": summary["last_top1"]}
-      rows.append(row)
+    if time.perf_counter() > deadline:
+      rows += [{"ipc": ipc, "method": m, "skipped": "out of time"} for m in methods]
+      print(f"  IPC {ipc:3d} skipped: out of time", flush=True)
+      continue
+    results = run_stage("distill,relabel,train", make(ipc), os.path.join(cache, f"ipc{ipc}"), mesh)
+    for method in methods:
+      summary, made = results["train"][method], results["distill"][method]
+      times = {"distill_s": made["wall_seconds_last_run"],
+               "relabel_s": results["relabel"][method].get("timing_last_run", {}).get("seconds"),
+               "train_s": summary["train_seconds"]}
+      rows.append({"ipc": ipc, "method": method, **times, "top1_best": summary["best_top1"],
+                   "top1_last": summary["last_top1"]})
       print(f"  IPC {ipc:3d} {method:12} student top-1 best {100 * summary['best_top1']['mean']:6.2f}%  last "
             f"{100 * summary['last_top1']['mean']:6.2f}%  ({', '.join(f'{k} {v:.0f}' for k, v in times.items())})",
             flush=True)

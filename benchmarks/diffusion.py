@@ -60,6 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from prism_jax import runtime  # noqa: E402
 from prism_jax.diffusion import dit, dit_import, sampling, training  # noqa: E402
 from prism_jax.diffusion.schedule import DiffusionSchedule  # noqa: E402
 
@@ -408,4 +409,5 @@ def main():
 
 
 if __name__ == "__main__":
+  runtime.configure_jax()
   main()

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prism_jax import models
+from prism_jax import models, runtime
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.recover import engine, schedule, selection
 
@@ -231,4 +231,5 @@ def main():
 
 
 if __name__ == "__main__":
+  runtime.configure_jax()
   main()

@@ -34,6 +34,8 @@ def main():
   args = parser.parse_args()
 
   import jax
+  from prism_jax import runtime
+  runtime.configure_jax()
   from configs import common
   from prism_jax.io import teacher_store
   from prism_jax.parallel import mesh as mesh_lib
@@ -55,7 +57,7 @@ def main():
   start = time.perf_counter()
   accuracy = squeeze.run(config, workdir, mesh)["resnet18"]
   wall = time.perf_counter() - start
-  meta = teacher_store.load_meta(squeeze.teacher_dir(workdir, "resnet18"))
+  meta = teacher_store.load_meta(squeeze.teacher_dir(config, workdir, "resnet18"))
   timing = meta.get("timing_last_run", {})
   steady_steps = max(timing.get("steps_run", 1) - 1, 1)
   images_per_s = steady_steps * args.batch / max(timing.get("train_seconds", 0.0), 1e-9)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prism_jax import models  # noqa: E402
+from prism_jax import models, runtime  # noqa: E402
 
 
 def _usable_cpus() -> int:
@@ -147,4 +147,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+  runtime.configure_jax()
   sys.exit(main())

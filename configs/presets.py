@@ -15,7 +15,6 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from prism_jax.recover import selection
 
 # The zoo models PRISM uses: logit teacher + BN pool (recover) and the 4-teacher relabel ensemble.
 PRISM_TEACHERS = ("resnet18",) + common.PRISM_POOL
@@ -67,20 +66,29 @@ def imagenet_config(*, ipc: int, student: str = "resnet18", method: str = "prism
   rc = config.recover
   rc.ipc = ipc
   rc.classes_per_batch = 100   # the official cross-class recovery batch: 100 classes x 1 image
-  rc.teachers_dir = IMAGENET_TEACHERS_DIR
-  spec = selection.SelectionSpec(rc.logit_teacher, rc.bn_primary or rc.logit_teacher, tuple(rc.bn_pool),
-                                 rc.distribution, fixed_teachers=tuple(rc.fixed_teachers),
-                                 logit_pool=tuple(rc.logit_pool))
-  if "efficientnet_b0" in spec.all_logit_teachers() + spec.all_bn_teachers():
+  config.teachers_dir = IMAGENET_TEACHERS_DIR
+  if "efficientnet_b0" in recover_teachers(rc):
     # At 224 px EfficientNet-B0's backward pass needs ~1.7x ResNet-18's activation memory; in two
     # pieces (exact same gradient, one extra forward) it stays within the logit teacher's.
     rc.teacher_pieces = "efficientnet_b0=2"
-  config.relabel.teachers_dir = IMAGENET_TEACHERS_DIR
   tr = config.train
   tr.student = student
   tr.stem = "imagenet"         # torchvision architecture, trained from scratch
   common.set_protocol(config, protocol)  # after the student: rd3 picks batch size and zeta from it
   return config
+
+
+def recover_teachers(rc) -> tuple[str, ...]:
+  """Every teacher a recover config may draw (its logit teachers, then its BN teachers), as
+  prism_jax.recover.selection.SelectionSpec lists them (repeated here: configs import no runtime code)."""
+  primary = rc.bn_primary or rc.logit_teacher
+  if rc.distribution == "fixed":
+    bn = tuple(rc.fixed_teachers)
+  elif rc.distribution == "single":
+    bn = (primary,)
+  else:
+    bn = (primary,) + tuple(rc.bn_pool)
+  return tuple(dict.fromkeys((rc.logit_teacher,) + tuple(rc.logit_pool) + bn))
 
 
 def small_prism_config(ipc: int) -> ml_collections.ConfigDict:

@@ -40,8 +40,10 @@ def main(argv):
   # off the accelerators (io/fs.py: import_tensorflow).
   import jax
 
-  from prism_jax import config_checks, stages
-  from prism_jax.io import artifacts, compilation, fs
+  from prism_jax import config_checks, runtime, stages
+  from prism_jax.io import compilation
+
+  runtime.configure_jax()
 
   cache_dir = compilation.enable_persistent_cache(
       compilation.default_cache_dir() if _COMPILATION_CACHE.value is None else _COMPILATION_CACHE.value)
@@ -51,12 +53,11 @@ def main(argv):
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                        auto_detect=_JAX_DISTRIBUTED.value)
   config = _CONFIG.value
-  config_checks.validate(config)
-  workdir = fs.abspath(_WORKDIR.value)  # local, or a URL such as gs://bucket/run (see io/fs.py)
-  fs.makedirs(workdir)
-  if jax.process_index() == 0:
-    artifacts.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  config_checks.validate(config)  # every selected stage's fields, before anything is written or read
+  workdir = _open_workdir(_WORKDIR.value)
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+  if jax.process_index() == 0:  # only an accepted config replaces the last one (evaluate.compare_workdirs reads it)
+    _write_config(workdir, config)
   if jax.process_index() == 0:
     print(f"[prism_jax] {jax.device_count()} {jax.default_backend()} device(s) in {jax.process_count()} "
           f"process(es); mesh {dict(mesh.shape)}; workdir {workdir}", flush=True)
@@ -66,13 +67,43 @@ def main(argv):
           (f" ({cache_dir})" if cache_dir else ""), flush=True)
 
 
+WORKDIR_SCHEMES = ("gs", "ram")  # tf.io.gfile file systems the artifacts support (ram://: tests)
+
+
+def _open_workdir(path: str) -> str:
+  """The work directory as an absolute path or URL, created; ArtifactError/ConfigError naming it."""
+  from prism_jax import errors
+  from prism_jax.io import fs
+  if fs.is_remote(path):
+    scheme = path.split("://", 1)[0]
+    if scheme not in WORKDIR_SCHEMES:
+      raise errors.ConfigError(f"--workdir={path}: expected a local directory or a gs:// URL, not {scheme}://")
+    fs.makedirs(path)
+    return path
+  workdir = fs.abspath(path)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.ArtifactError(f"--workdir={path}: {workdir} is a file; expected a directory (or a path to create)")
+  try:
+    fs.makedirs(workdir)
+  except OSError as e:
+    raise errors.ArtifactError(f"--workdir={path}: cannot create {workdir} ({e.strerror})") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise errors.ArtifactError(f"--workdir={path}: {workdir} is not writable")
+  return workdir
+
+
+def _write_config(workdir: str, config) -> None:
+  from prism_jax.io import artifacts, layout
+  artifacts.write_json(layout.config_file(workdir), config.to_dict())
+
+
 def _run(argv):
-  """Expected errors (bad config, data or artifacts) end with one clear line, not a traceback."""
-  from prism_jax.io import artifacts
+  """Expected errors (errors.ConfigError, errors.ArtifactError, a non-finite loss) end with one
+  `prism_jax: error: ...` line; anything else is a bug and keeps its traceback."""
+  from prism_jax import errors
   try:
     main(argv)
-  except (ValueError, artifacts.ArtifactError, FileNotFoundError, NotImplementedError,
-          FloatingPointError) as e:
+  except errors.EXPECTED as e:
     if os.environ.get("PRISM_DEBUG"):
       raise
     print(f"prism_jax: error: {e}", file=sys.stderr, flush=True)

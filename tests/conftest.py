@@ -21,6 +21,12 @@ try:
 except ImportError:
   pass
 
+# The command line's process-wide JAX settings (prism_jax/runtime.py), so that library calls made
+# by the tests draw the same random numbers as a CLI run.
+from prism_jax import runtime  # noqa: E402
+
+runtime.configure_jax()
+
 # One XLA compilation cache for the CLI subprocesses of this test session (tests/cli_utils.py): a
 # resumed, repeated or cooperating run compiles the same programs as the run before it. Made by the
 # first process that loads this file (the pytest-xdist controller; its workers inherit it) and

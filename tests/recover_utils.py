@@ -85,3 +85,30 @@ def write_relabel_assets(root: str) -> dict:
   """Tiny arrays with 6 images per class and the teachers tiny_a, tiny_b: relabel/train tests."""
   return {"data": write_tiny_arrays(os.path.join(root, "data"), per_class=6),
           "teachers": write_random_teachers(os.path.join(root, "teachers"))}
+
+
+def run_recover(config, workdir: str, mesh) -> dict:
+  """The distill stage's result for the set 'recover' (the method config.recover describes)."""
+  from prism_jax.stages import distill
+  return distill.run(config, workdir, mesh)["recover"]
+
+
+def wave_images(workdir: str) -> dict:
+  """Final float images of every finished recovery unit of the work directory's 'recover' set."""
+  from prism_jax.recover import runner
+  return runner.load_wave_images(os.path.join(workdir, "recover"))
+
+
+def teacher_set(names, teachers_dir: str, dataset):
+  """(models, variables, checksums) of teachers `names` (io/teacher_store.load_teacher_set)."""
+  from prism_jax.io import teacher_store
+  teachers = teacher_store.load_teacher_set(tuple(names), teachers_dir, class_names=dataset.class_names,
+                                            needed_by="this test")
+  return teachers.models, teachers.variables, teachers.checksums
+
+
+def distill(config, workdir: str, mesh=None) -> dict:
+  """The distill stage (makes every set of config.image_sets, e.g. random_real) on one device."""
+  from prism_jax.parallel import mesh as mesh_lib
+  from prism_jax.stages import distill as distill_stage
+  return distill_stage.run(config, workdir, mesh or mesh_lib.make_mesh(1))

@@ -39,7 +39,9 @@ from prism_jax import config_checks, models, stages
 from prism_jax.data import stats
 from prism_jax.io import artifacts, teacher_store
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.stages import recover, relabel, train
+from prism_jax.recover import plan as recover_plan
+from prism_jax.relabel import plan as relabel_plan
+from prism_jax.stages import train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -60,12 +62,13 @@ SHRUNK_FIELDS = {
     "squeeze.teachers", "squeeze.epochs", "squeeze.batch_size", "squeeze.eval_batch_size",
     "squeeze.eval_every_epochs", "squeeze.log_every_steps", "squeeze.checkpoint_every_steps",
     "recover.ipc", "recover.classes_per_batch", "recover.iterations", "recover.iteration_step",
-    "recover.iterations_per_call", "recover.teachers_dir", "recover.logit_teacher", "recover.bn_primary",
+    "recover.iterations_per_call", "teachers_dir", "recover.logit_teacher", "recover.bn_primary",
     "recover.bn_pool", "recover.fixed_teachers", "recover.logit_pool", "recover.teacher_pieces",
-    "relabel.teachers", "relabel.teachers_dir",
+    "relabel.teachers",
     "train.student", "train.epochs", "train.batch_size", "train.eval_every_epochs", "train.eval_batch_size",
     "train.log_every_steps", "train.checkpoint_every_steps",
     "evaluate.reference_model", "evaluate.umap",
+    "methods.*",  # the teacher names in a multi-method config's per-set settings
 }
 
 
@@ -128,9 +131,9 @@ def test_every_config_file_is_a_documented_experiment():
 def test_config_loads_and_validates(name, arg):
   config = load(name, arg)
   config_checks.validate(config)
-  spec = recover.selection_spec(config.recover)
-  relabel.check_config(config)
-  train.check_config(config)
+  spec = recover_plan.selection_spec(config.recover)
+  relabel_plan.check_config(config)
+  train.validate(config)
   assert spec.logit_teacher in models.available_models()
   for model in (spec.all_logit_teachers() + spec.all_bn_teachers() + tuple(config.relabel.teachers)
                 + tuple(config.squeeze.teachers) + (config.train.student, config.evaluate.reference_model)):
@@ -138,9 +141,9 @@ def test_config_loads_and_validates(name, arg):
   assert config.train.protocol in common.PROTOCOLS
   if config.data.name != "digits":
     assert stats.for_dataset(config.data.name) is not None  # the references' normalization constants
-  if config.stage == "recover":
+  if "squeeze" not in stages.sequence(config.stage) and "distill" in stages.sequence(config.stage):
     # No squeeze: the teachers are imported, and nothing must train them into the work directory.
-    assert config.recover.teachers_dir == config.relabel.teachers_dir != ""
+    assert config.teachers_dir != ""
   locked = copy.deepcopy(config)
   locked.lock()  # what main's --config flag does: overrides of unknown fields are refused
   with pytest.raises(AttributeError):
@@ -178,8 +181,8 @@ def test_imagenet_prism_values():
   assert common.PRISM_POOL == ("mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
   assert (rc.init, rc.learning_rate, rc.iterations, rc.iteration_step, rc.iteration_period, rc.jitter) == (
       "real", 0.05, 4000, 500, 8, -1)
-  assert recover.jitter_pixels(rc, c.data.image_size) == 32
-  assert rc.teachers_dir == c.relabel.teachers_dir == presets.IMAGENET_TEACHERS_DIR
+  assert recover_plan.jitter_pixels(rc, c.data.image_size) == 32
+  assert c.teachers_dir == presets.IMAGENET_TEACHERS_DIR
   tr, rl = c.train, c.relabel
   assert (tr.loss, tr.gamma, tr.batch_size, tr.accumulation, tr.epochs, tr.schedule, tr.zeta) == (
       "mse_gt", 0.1, 50, 2, 300, "prism_cos2", 2.5)
@@ -208,13 +211,13 @@ def test_table2_rows_differ_only_in_recovery():
     assert all(k.startswith(("train.", "relabel.")) for k in hard_diff - {"recover.ipc"}), (arg, hard_diff)
     assert (hard.recover.ipc, hard.train.protocol, hard.train.loss, hard.relabel.teachers) == (
         50, "hard_label", "ce", ())
-    assert relabel.uses_hard_labels_only(hard) and not relabel.uses_hard_labels_only(c)
+    assert relabel_plan.uses_hard_labels_only(hard) and not relabel_plan.uses_hard_labels_only(c)
   sre2l = rows["sre2l"].recover
   assert (sre2l.distribution, sre2l.init, sre2l.learning_rate, sre2l.iteration_step) == (
       "single", "noise", 0.25, 0)
   assert rows["single_pre"].recover.distribution == "single" and rows["single_pre"].recover.init == "real"
   for arg, strategy in (("decoupled_pre", "pre"), ("decoupled_intra", "intra")):
-    spec = recover.selection_spec(rows[arg].recover)
+    spec = recover_plan.selection_spec(rows[arg].recover)
     assert rows[arg].recover.strategy == strategy and spec.logit_teacher == "resnet18"
     assert "resnet18" not in spec.all_bn_teachers() and spec.k_max == 1  # one BN teacher, not the logit one
   for k in (2, 3, 4):
@@ -284,7 +287,7 @@ def shrink(config, assets):
   """The config at toy size: every setting kept except data, model names and sizes (SHRUNK_FIELDS)."""
   c = copy.deepcopy(config)
   c.data = common.data_config(source="arrays", name="tiny", path=assets["data"])
-  imported = bool(c.recover.teachers_dir)  # ImageNet configs read imported teachers; others squeeze theirs
+  imported = bool(c.teachers_dir)  # ImageNet configs read imported teachers; others squeeze theirs
   sq = c.squeeze
   sq.teachers = (_tiny(sq.teachers[0]),)  # one teacher per recipe; the others are random tiny ones
   sq.epochs, sq.batch_size, sq.eval_batch_size, sq.eval_every_epochs = 1.0, 8, 8, 0.0
@@ -297,10 +300,16 @@ def shrink(config, assets):
     rc[field] = tuple(_tiny(t) for t in rc[field])
   rc.teacher_pieces = ",".join(f"{_tiny(n)}={k}" for n, _, k in
                                (item.partition("=") for item in rc.teacher_pieces.split(",") if item))
+  for instance in c.methods.values():  # a multi-method config: teacher names in the sets' own settings
+    for field, value in instance.settings.items():
+      if field in ("logit_teacher", "bn_primary"):
+        instance.settings[field] = _tiny(value)
+      elif field in ("bn_pool", "fixed_teachers", "logit_pool"):
+        instance.settings[field] = tuple(_tiny(t) for t in value)
   rl = c.relabel
   rl.teachers = tuple(_tiny(t) for t in rl.teachers)
   if imported:
-    rc.teachers_dir = rl.teachers_dir = assets["teachers"]
+    c.teachers_dir = assets["teachers"]
   tr = c.train
   tr.student, tr.epochs, tr.batch_size = TINY_STUDENT, 1, 4
   tr.eval_every_epochs, tr.eval_batch_size, tr.log_every_steps, tr.checkpoint_every_steps = 1.0, 8, 1, 100
@@ -321,14 +330,15 @@ def squeeze_signature(c) -> dict:
 
 def recover_signature(c) -> dict:
   rc = c.recover
-  pool = set(recover.selection_spec(rc).all_bn_teachers())
+  pool = set(recover_plan.selection_spec(rc).all_bn_teachers())
   return {"distribution": rc.distribution, "strategy": rc.strategy, "granularity": rc.granularity,
           "init": rc.init, "include_primary": rc.distribution == "uniform_subsets" and rc.include_primary,
           "logit_pool": bool(rc.logit_pool), "count_bn_only": rc.count_bn_only,
           "bn_less_teacher": TINY["alexnet"] in pool, "varying_iterations": rc.iteration_step > 0,
           "crop": tuple(rc.rrc_scale) != (1.0, 1.0), "flip": rc.flip, "roll": rc.jitter != 0,
           "priors": (rc.tv_weight > 0, rc.l2_weight > 0),
-          "execution": (rc.sequential_teachers, rc.remat, rc.export_jpeg, rc.ipc_start > 0)}
+          "execution": (rc.sequential_teachers, rc.remat, rc.export_jpeg, rc.ipc_start > 0),
+          "methods": tuple(sorted((name, m.method) for name, m in c.methods.items()))}
 
 
 def downstream_signature(c) -> dict:
@@ -344,7 +354,7 @@ def blocks_of(config) -> list[tuple[str, tuple[str, ...], dict]]:
   """(block, its stages, its code-path features) in pipeline order, for the blocks the documented
   command runs."""
   run = documented_stages(config)
-  blocks = [("squeeze", ("squeeze",), squeeze_signature), ("recover", ("recover",), recover_signature),
+  blocks = [("squeeze", ("squeeze",), squeeze_signature), ("recover", ("distill",), recover_signature),
             ("downstream", ("relabel", "train", "evaluate"), downstream_signature)]
   return [(block, tuple(s for s in block_stages if s in run), sign(config))
           for block, block_stages, sign in blocks if set(block_stages) & set(run)]
@@ -378,15 +388,22 @@ class Runner:
     missing = [i for i, (block, _, features) in enumerate(blocks) if self._missing(block, features)]
     if missing:
       workdir = str(self.root / exp_id(name, arg).replace(":", "_"))
-      if not config.recover.teachers_dir:  # teachers in the work directory: all but the squeezed one random
+      if not config.teachers_dir:  # teachers in the work directory: all but the squeezed one random
         for teacher in set(TINY.values()) - set(config.squeeze.teachers):
           shutil.copytree(os.path.join(self.assets["teachers"], teacher),
                           os.path.join(workdir, "teachers", teacher))
       for i, (block, block_stages, features) in enumerate(blocks[:missing[-1] + 1]):
         if i not in missing:     # covered: take the outputs of the latest run of this block
           src = [r for r in self.runs if r[0] == block][-1][2]
-          shutil.copytree(os.path.join(src, _OUTPUTS[block]), os.path.join(workdir, _OUTPUTS[block]),
-                          dirs_exist_ok=True)
+          outputs = [_OUTPUTS[block]] + (glob.glob("sets/*/distill", root_dir=src) if block == "recover" else [])
+          for output in outputs:
+            if os.path.exists(os.path.join(src, output)):
+              shutil.copytree(os.path.join(src, output), os.path.join(workdir, output), dirs_exist_ok=True)
+          made = os.path.join(workdir, "sets", "random_real", "distill", "set.json")
+          if block == "recover" and "random_real" in config.image_sets and not os.path.exists(made):
+            baseline = copy.deepcopy(config)
+            baseline.image_sets = ("random_real",)
+            stages.run_stage("distill", baseline, workdir, self.mesh)
           continue
         results = {s: stages.run_stage(s, config, workdir, self.mesh) for s in block_stages}
         self.runs.append((block, features, workdir, results, config))
@@ -438,7 +455,7 @@ def test_shrink_changes_only_sizes_names_and_locations(runner):
 
 def _check_recover(config, workdir):
   rc = config.recover
-  spec = recover.selection_spec(rc)
+  spec = recover_plan.selection_spec(rc)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "recover", "manifest.jsonl"))]
   assert len(lines) == IPC * NUM_CLASSES
   for line in lines:
@@ -462,7 +479,7 @@ def _check_recover(config, workdir):
 def _check_downstream(config, workdir, results):
   for image_set in config.image_sets:
     relabel_dir = os.path.join(workdir, "sets", image_set, "relabel")
-    if relabel.uses_hard_labels_only(config):  # recovery-only rows: nothing relabeled
+    if relabel_plan.uses_hard_labels_only(config):  # recovery-only rows: nothing relabeled
       assert results["relabel"][image_set] == {"mode": "hard_labels"} and not os.path.exists(relabel_dir)
     else:
       labels = artifacts.read_json(os.path.join(relabel_dir, "labels.json"))
@@ -477,7 +494,7 @@ def _check_downstream(config, workdir, results):
 
 
 def _recover_teacher_count(experiment) -> int:
-  spec = recover.selection_spec(load(*experiment).recover)
+  spec = recover_plan.selection_spec(load(*experiment).recover)
   return len(set(spec.all_logit_teachers() + spec.all_bn_teachers()))
 
 
@@ -497,8 +514,10 @@ def test_config_runs_shrunken(runner, name, arg):
     assert set(results["squeeze"]) == set(ran.squeeze.teachers)
     assert teacher_store.is_complete(os.path.join(workdir, "teachers", ran.squeeze.teachers[0]))
   for block, _, workdir, results, ran in covering.get("recover", []):
-    assert results["recover"]["num_images"] == IPC * NUM_CLASSES
-    _check_recover(ran, workdir)
+    assert set(results["distill"]) == {s for s in ran.image_sets if "/" not in s}
+    assert all(made["num_images"] == IPC * NUM_CLASSES for made in results["distill"].values())
+    if "recover" in results["distill"]:
+      _check_recover(ran, workdir)
   for block, _, workdir, results, ran in covering.get("downstream", []):
     _check_downstream(ran, workdir, results)
 
@@ -513,7 +532,8 @@ def test_runs_were_shared(runner):
 
 def test_stage_names_single_stages_ranges_and_lists():
   assert stages.sequence("all") == stages.PIPELINE
-  assert stages.sequence("recover+") == ("recover", "relabel", "train", "evaluate")
+  assert stages.sequence("recover+") == stages.sequence("distill+") == ("distill", "relabel", "train", "evaluate")
+  assert stages.sequence("recover") == ("distill",)  # the former name of the distill stage
   assert stages.sequence("evaluate+") == ("evaluate",)
   assert stages.sequence("relabel, train") == ("relabel", "train")
   assert stages.sequence("train") == ("train",)

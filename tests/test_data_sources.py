@@ -412,7 +412,8 @@ def test_tfds_tfrecord_is_read_into_memory(tiny_cifar10, monkeypatch):
   _, dirs, examples = tiny_cifar10
   config = data_config(source="tfds", name="cifar10", tfds_data_dir=dirs["tfrecord"])
   _check_round_trip(sources.open_dataset(config), examples)
-  monkeypatch.setattr(sources, "_TFDS_IN_MEMORY_BYTES", 1000)
+  from prism_jax.data import tfds_source
+  monkeypatch.setattr(tfds_source, "_TFDS_IN_MEMORY_BYTES", 1000)
   with pytest.raises(ValueError, match=r"too large .*--file_format=array_record"):
     sources.open_dataset(config)
 

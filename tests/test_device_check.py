@@ -31,7 +31,7 @@ def test_smoke_runs_every_part_and_writes_json(tmp_path):
   assert [(r["ipc"], r["method"]) for r in rows] == [(1, "random_real"), (1, "prism")]
   for row in rows:
     assert 0.0 <= row["top1_best"]["mean"] <= 1.0 and row["train_s"] > 0
-  assert rows[1]["recover_s"] > 0
+  assert rows[0]["distill_s"] > 0 and rows[1]["distill_s"] > rows[0]["distill_s"]  # recovery vs a draw
 
 
 def test_peak_flops_by_device_kind():

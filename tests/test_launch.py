@@ -117,7 +117,7 @@ def test_tpu_pod_slice_v4_32(env):
       " --version=tpu-ubuntu2204-base --spot"]
   lines = dry_run(TPU_VM, "run", *pod, "--config=configs/squeeze_cifar10.py", "--workdir=gs://prism-bucket/runs/c10/",
                   "--override", "data.tfds_data_dir=gs://prism-bucket/tfds",
-                  "--override=config.recover.teachers_dir=teachers",
+                  "--override=config.teachers_dir=teachers",
                   "--override", "--config.squeeze.epochs=100",
                   "--sync-from", "gs://prism-bucket/teachers:teachers",
                   "--sync-from=gs://prism-bucket/init:data/init", env=env)
@@ -127,7 +127,7 @@ def test_tpu_pod_slice_v4_32(env):
       " && mkdir -p data/init && gcloud storage rsync -r gs://prism-bucket/init data/init'",
       f"+ gcloud compute tpus tpu-vm ssh prism-pod {loc} --worker=all --command='"
       + run_line("--config=configs/squeeze_cifar10.py --workdir=gs://prism-bucket/runs/c10/ --jax_distributed"
-                 " --config.data.tfds_data_dir=gs://prism-bucket/tfds --config.recover.teachers_dir=teachers"
+                 " --config.data.tfds_data_dir=gs://prism-bucket/tfds --config.teachers_dir=teachers"
                  " --config.squeeze.epochs=100", "logs/c10.log") + "'"]
   assert "coordinator_address" not in "\n".join(lines)
   assert dry_run(TPU_VM, "tensorboard", *pod, "--workdir", WORKDIR, "--port", "6010", env=env) == [

@@ -181,7 +181,7 @@ def test_format_table_exact():
   expected = ("method   images          top1  intra  note\n"
               "-------  ------  ------------  -----  ----\n"
               "prism        10  45.68 ± 1.23   0.51  -\n"
-              "sre2l|x     100  40.00 ± 0.50    nan  -")
+              "sre2l|x     100  40.00 ± 0.50      –  -")
   assert report.format_table(ROWS, COLUMNS) == expected
 
 
@@ -195,7 +195,7 @@ def test_write_report_exact(tmp_path):
               "| method | images | top1 | intra | note |\n"
               "| --- | ---: | ---: | ---: | --- |\n"
               "| prism | 10 | 45.68 ± 1.23 | 0.51 | - |\n"
-              "| sre2l\\|x | 100 | 40.00 ± 0.50 | nan | - |\n"
+              "| sre2l\\|x | 100 | 40.00 ± 0.50 | – | - |\n"
               "\n"
               "![Grid \\[all\\]](grid.png)\n"
               "\n"

@@ -18,7 +18,7 @@ from tensorboard.util import tensor_util
 import recover_utils as ru
 from cli_utils import load_config, run_processes
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.stages import recover
+
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,8 +36,8 @@ def get_config():
   c = common.base_config()
   c.stage = "recover"
   c.data = common.data_config(source="arrays", name="tiny", path={data!r})
+  c.teachers_dir = {teachers!r}
   rc = c.recover
-  rc.teachers_dir = {teachers!r}
   rc.ipc, rc.classes_per_batch = 3, 2
   rc.logit_teacher, rc.bn_pool = "tiny_a", ("tiny_b",)
   rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("tiny_a", "tiny_b"), 2
@@ -67,7 +67,7 @@ def runs(config_path, tmp_path_factory):
   work directory each, as on hosts without a shared filesystem: process 0 must still export all."""
   root = tmp_path_factory.mktemp("multihost_runs")
   single, main, other = str(root / "one_process"), str(root / "process0"), str(root / "process1")
-  recover.run(load_config(config_path), single, mesh_lib.make_mesh(4))
+  ru.run_recover(load_config(config_path), single, mesh_lib.make_mesh(4))
   outputs = run_processes(config_path, [main, other])
   return {"single": single, "multi": main, "other": other, "outputs": outputs}
 

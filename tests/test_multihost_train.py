@@ -16,6 +16,7 @@ import pytest
 
 import recover_utils as ru
 from cli_utils import load_config, run_processes
+from prism_jax.io import layout
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.relabel import store
 from prism_jax.stages import relabel, train
@@ -34,12 +35,12 @@ from configs import common
 
 def get_config():
   c = common.base_config()
-  c.stage = "relabel,train"
+  c.stage = "distill,relabel,train"
   c.data = common.data_config(source="arrays", name="tiny", path={data!r})
   c.recover.ipc = 4
   c.image_sets = ("random_real",)
   common.set_protocol(c, "prism")
-  c.relabel.teachers, c.relabel.teachers_dir = ("tiny_a", "tiny_b"), {teachers!r}
+  c.relabel.teachers, c.teachers_dir = ("tiny_a", "tiny_b"), {teachers!r}
   c.relabel.aggregation = "norm_rescaled_mean"
   tr = c.train
   tr.student, tr.width, tr.seeds = "tiny_a", 1.0, (0,)
@@ -66,6 +67,7 @@ def stored_runs(assets, tmp_path_factory):
   config_path = assets["stored"]
   config = load_config(config_path)
   mesh = mesh_lib.make_mesh(4)
+  ru.distill(config, single, mesh)
   relabel.run(config, single, mesh)
   train.run(config, single, mesh)
   outputs = run_processes(config_path, [shared, shared])
@@ -73,7 +75,7 @@ def stored_runs(assets, tmp_path_factory):
 
 
 def _student(workdir: str) -> dict:
-  return json.load(open(train.student_dir(workdir, "random_real", 0) + "/" + train.STUDENT_FILE))
+  return json.load(open(os.path.join(layout.student_dir(workdir, "random_real", 0), layout.STUDENT_FILE)))
 
 
 def _assert_same_student(got: dict, want: dict) -> None:
@@ -101,7 +103,7 @@ def test_two_processes_relabel_and_train_like_one(stored_runs):
     np.testing.assert_array_equal(got["indices"], want["indices"])
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
   _assert_same_student(_student(stored_runs["multi"]), _student(stored_runs["single"]))
-  ckpt = os.path.join(train.student_dir(stored_runs["multi"], "random_real", 0), "ckpt")
+  ckpt = os.path.join(layout.student_dir(stored_runs["multi"], "random_real", 0), "ckpt")
   assert sorted(n for n in os.listdir(ckpt) if n.isdigit()) == ["2", "4"]
 
 
@@ -120,4 +122,4 @@ def test_stages_after_recover_refuse_unshared_work_directories(assets, tmp_path)
   for out in outputs:
     assert "prism_jax: error: --workdir=" in out
     assert "process(es) [1] do not see the files process 0 writes there; the relabel stage" in out
-  assert not os.path.exists(tmp_path / "host0" / "sets")
+  assert not os.path.exists(tmp_path / "host0" / "sets" / "random_real" / "relabel")

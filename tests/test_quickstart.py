@@ -41,7 +41,8 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert 0.0 <= row["top1_best"]["mean"] <= 100.0 and row["top1_best"]["mean"] >= row["top1_last"]["mean"]
     assert -1.0 <= row["inter_cos"] <= row["intra_cos"] + 1.0 and row["intra_cos"] <= 1.0 + 1e-6
     assert row["relabel_s"] > 0 and row["train_s"] > 0
-  assert rows["recover"]["recover_s"] > 0 and rows["random_real"]["recover_s"] is None
+  assert rows["recover"]["distill_s"] > 0 and rows["recover"]["distill_img_it_s"] > 0
+  assert rows["random_real"]["distill_s"] > 0 and rows["random_real"]["distill_img_it_s"] is None  # no iterations
   report = open(os.path.join(workdir, "evaluate", "report.md")).read()
   assert "| recover | 20 |" in report and "![Images per class, methods side by side](grid.png)" in report
   assert Image.open(os.path.join(workdir, "evaluate", "grid.png")).size[0] > 64
@@ -68,4 +69,4 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
 def test_stage_with_missing_inputs_names_the_stage_to_run(tmp_path):
   result = run_cli("configs/quickstart.py", str(tmp_path / "empty"), "--config.stage=train", timeout=300)
   assert result.returncode == 1
-  assert "run the relabel stage first" in result.stderr or "run the recover stage first" in result.stderr
+  assert "run the distill stage first" in result.stderr

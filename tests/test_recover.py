@@ -1,4 +1,4 @@
-"""The recover stage: outputs, device-count independence, sharding, resume, bad input."""
+"""The recover method (distill stage, set 'recover'): outputs, device-count independence, sharding, resume, bad input."""
 
 import json
 import os
@@ -18,8 +18,10 @@ from cli_utils import REPO_ROOT, cli_command, cli_env, run_cli
 from configs import common
 from prism_jax.io import artifacts
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.recover import engine, schedule, selection
-from prism_jax.stages import recover
+from prism_jax.data import stats as data_stats
+from prism_jax.io import teacher_store
+from prism_jax.recover import engine, runner, schedule, selection
+from prism_jax.recover import plan as recover_plan
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def assets(tmp_path_factory):
 def make_config(assets, **recover_overrides):
   c = common.base_config()
   c.data = common.data_config(source="arrays", name="tiny", path=assets["data"])
+  c.teachers_dir = recover_overrides.pop("teachers_dir", assets["teachers"])
   rc = c.recover
-  rc.teachers_dir = assets["teachers"]
   rc.ipc, rc.classes_per_batch = 3, 2
   rc.logit_teacher, rc.bn_pool = "tiny_a", ("tiny_b", "tiny_nobn")
   rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("tiny_a", "tiny_b"), 3
@@ -54,7 +56,7 @@ def eight_device_run(assets, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("recover8"))
   # The accelerator path (device loop, per-teacher conditionals); the 1-device run below takes
   # the CPU default (host-driven iterations, static teacher sets) and must give the same images.
-  meta = recover.run(make_config(assets, teacher_gating="cond"), workdir, mesh_lib.make_mesh(8))
+  meta = ru.run_recover(make_config(assets, teacher_gating="cond"), workdir, mesh_lib.make_mesh(8))
   return workdir, meta
 
 
@@ -89,19 +91,19 @@ def test_outputs_images_folder_array_file_and_manifest(eight_device_run):
 def test_same_images_on_one_and_eight_devices_and_with_either_gating(assets, eight_device_run, tmp_path):
   workdir8, _ = eight_device_run
   # Also: tiny_b's gradient taken in 2 pieces of the 2-image batches (exact, so the same images).
-  meta = recover.run(make_config(assets, teacher_pieces="tiny_b=2"), str(tmp_path), mesh_lib.make_mesh(1))
-  assert recover.teacher_gating(make_config(assets).recover) == "static"  # the CPU default
+  meta = ru.run_recover(make_config(assets, teacher_pieces="tiny_b=2"), str(tmp_path), mesh_lib.make_mesh(1))
+  assert recover_plan.teacher_gating(make_config(assets).recover) == "static"  # the CPU default
   assert meta["useful_work"]["useful_fraction"] == 1.0  # one unit per wave: nothing unneeded
-  got, want = recover.load_wave_images(str(tmp_path)), recover.load_wave_images(workdir8)
+  got, want = ru.wave_images(str(tmp_path)), ru.wave_images(workdir8)
   assert sorted(got) == sorted(want) == [(i, c) for i in range(3) for c in range(2)]
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4)
   # Optimization did something, and the clip kept every pixel in the valid range.
-  init = recover.initial_images([schedule.Unit(0, 0, (0, 1), "resnet18", ("resnet18",), 6)],
+  init = runner.initial_images([schedule.Unit(0, 0, (0, 1), "resnet18", ("resnet18",), 6)],
                                 _dataset(assets), make_config(assets).recover, seed=0)[0]
   assert np.abs(want[(0, 0)] - init).max() > 1e-3
   ds = _dataset(assets)
-  low, high = (np.asarray(b) for b in recover.data_stats.pixel_bounds(ds.mean, ds.std))
+  low, high = (np.asarray(b) for b in data_stats.pixel_bounds(ds.mean, ds.std))
   for images in want.values():
     assert (images >= low - 1e-6).all() and (images <= high + 1e-6).all()
 
@@ -113,15 +115,16 @@ def _dataset(assets):
 
 def test_rerun_is_noop_and_other_config_is_refused(assets, eight_device_run):
   workdir, meta = eight_device_run
-  again = recover.run(make_config(assets), workdir, mesh_lib.make_mesh(8))
+  again = ru.run_recover(make_config(assets), workdir, mesh_lib.make_mesh(8))
   assert again["num_images"] == 12
   with pytest.raises(artifacts.ArtifactError, match="recover.learning_rate: this run has 0.1"):
-    recover.run(make_config(assets, learning_rate=0.1), workdir, mesh_lib.make_mesh(8))
+    ru.run_recover(make_config(assets, learning_rate=0.1), workdir, mesh_lib.make_mesh(8))
 
 
 def test_compiled_step_has_no_cross_device_collective(assets):
   ds = _dataset(assets)
-  teachers = recover.load_teachers(("tiny_a", "tiny_b"), assets["teachers"], ds)
+  teachers = teacher_store.load_teacher_set(("tiny_a", "tiny_b"), assets["teachers"], class_names=ds.class_names,
+                                            needed_by="this test")
   mesh = mesh_lib.make_mesh(8)
   width, classes, size = 8, 2, ru.IMAGE_SIZE
   data = mesh_lib.data_sharding(mesh)
@@ -130,9 +133,9 @@ def test_compiled_step_has_no_cross_device_collective(assets):
   keys = put(jax.random.key_data(jax.random.split(jax.random.key(0), width)))
   args = [keys, put(jnp.zeros((width, classes), jnp.int32)), put(jnp.full((width,), 4, jnp.int32)),
           put(jnp.ones((width, 4, 2))), put(jnp.ones((width, 4, 2)))]
-  tvars = mesh_lib.replicate((teachers.variables["tiny_a"], teachers.variables["tiny_b"]), mesh)
+  tvars = mesh_lib.replicate(teachers.variables, mesh)
   cfg = engine.StepConfig(("tiny_a", "tiny_b"), size, (-2.0,) * 3, (2.0,) * 3, 0.05, 10.0, 2)
-  models = (teachers.models["tiny_a"], teachers.models["tiny_b"])
+  models = teachers.models
   step = jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh"))
   lowered = step.lower(state, *args, tvars, np.int32(0), np.int32(4), models=models, cfg=cfg, mesh=mesh)
   hlo = lowered.compile().as_text()
@@ -144,15 +147,15 @@ def test_compiled_step_has_no_cross_device_collective(assets):
 
 def test_teacher_weights_follow_k_averaging(assets):
   rc = make_config(assets, distribution="bernoulli").recover
-  spec = recover.selection_spec(rc)
+  spec = recover_plan.selection_spec(rc)
   unit = schedule.Unit(0, 0, (0, 1), "resnet18", ("resnet18", "alexnet"), 5)
   has_bn = {"resnet18": True, "mobilenet_v2": True, "alexnet": False}
   order = ("resnet18", "alexnet")
-  ce, bn = recover.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
+  ce, bn = recover_plan.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
   np.testing.assert_allclose(ce, [[1.0, 0.0]] * 5)
   np.testing.assert_allclose(bn, [[0.01 / 2, 0.01 / 2]] * 5)  # alexnet counts in K (official)
   rc.count_bn_only = True
-  _, bn = recover.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
+  _, bn = recover_plan.teacher_weights(unit, order, spec, rc, 0, has_bn, 5)
   np.testing.assert_allclose(bn, [[0.01, 0.01]] * 5)
 
 
@@ -168,7 +171,7 @@ def test_teacher_weights_follow_k_averaging(assets):
 ])
 def test_bad_recover_configs(assets, tmp_path, overrides, error, pattern):
   with pytest.raises(error, match=pattern):
-    recover.run(make_config(assets, **overrides), str(tmp_path), mesh_lib.make_mesh(1))
+    ru.run_recover(make_config(assets, **overrides), str(tmp_path), mesh_lib.make_mesh(1))
 
 
 def test_teachers_for_another_class_order_are_refused(assets, tmp_path):
@@ -176,14 +179,13 @@ def test_teachers_for_another_class_order_are_refused(assets, tmp_path):
   ru.write_random_teacher(teachers, "tiny_a", class_names=tuple(reversed(ru.CLASS_NAMES)))
   ru.write_random_teacher(teachers, "tiny_b")
   with pytest.raises(artifacts.ArtifactError, match="class count or order differs"):
-    recover.run(make_config(assets, teachers_dir=teachers), str(tmp_path / "w"), mesh_lib.make_mesh(1))
+    ru.run_recover(make_config(assets, teachers_dir=teachers), str(tmp_path / "w"), mesh_lib.make_mesh(1))
 
 
 def test_non_finite_loss_stops_naming_batch_and_keeps_finished_waves(assets, tmp_path):
   teachers = str(tmp_path / "teachers")
   shutil.copytree(assets["teachers"], teachers)
   # Poison tiny_b: an infinite running variance makes its BN loss infinite.
-  from prism_jax.io import teacher_store
   model, variables, meta = teacher_store.load_teacher(os.path.join(teachers, "tiny_b"))
   variables = jax.tree_util.tree_map(np.array, variables)  # writable copies
   first_bn = next(iter(variables["batch_stats"].values()))
@@ -199,19 +201,19 @@ def test_non_finite_loss_stops_naming_batch_and_keeps_finished_waves(assets, tmp
   # Seed 4 draws 1, 2, 1 BN teachers for IPC 0, 1, 2 (T = 20, 4, 20): the scheduler runs the
   # costlier healthy units first, then the poisoned one.
   config.seed = 4
-  spec = recover.selection_spec(config.recover)
+  spec = recover_plan.selection_spec(config.recover)
   draws = [selection.pre_selection(spec, 4, i, 0, "ipc")[1] for i in range(3)]
   assert ("tiny_a",) in draws and ("tiny_a", "tiny_b") in draws  # both kinds of wave exist
   workdir = str(tmp_path / "w")
   with pytest.raises(FloatingPointError, match=r"recovery batch ipc_index=1 chunk=0, iteration 0"):
-    recover.run(config, workdir, mesh_lib.make_mesh(1))
-  finished = recover.load_wave_images(workdir)
+    ru.run_recover(config, workdir, mesh_lib.make_mesh(1))
+  finished = ru.wave_images(workdir)
   assert sorted(finished) == [(0, 0), (2, 0)] and draws[1] == ("tiny_a", "tiny_b")
 
 
 def test_cli_recover_resumes_after_kill(assets, tmp_path):
   settings = {"stage": "recover", "data.source": "arrays", "data.name": "tiny", "data.path": assets["data"],
-              "recover.teachers_dir": assets["teachers"], "recover.ipc": 3, "recover.classes_per_batch": 2,
+              "teachers_dir": assets["teachers"], "recover.ipc": 3, "recover.classes_per_batch": 2,
               "recover.distribution": "fixed", "recover.fixed_teachers": ("resnet18",),
               "recover.iterations": 60, "recover.iteration_step": 0, "recover.iterations_per_call": 5,
               "recover.checkpoint_every_iterations": 10, "progress_interval_s": 0.0}
@@ -236,7 +238,7 @@ def test_cli_recover_resumes_after_kill(assets, tmp_path):
   # Reference: the same command, uninterrupted; a resumed run must give identical images.
   reference = str(tmp_path / "reference")
   assert run_cli("configs/quickstart.py", reference, *overrides).returncode == 0
-  got, want = recover.load_wave_images(workdir), recover.load_wave_images(reference)
+  got, want = ru.wave_images(workdir), ru.wave_images(reference)
   assert sorted(got) == sorted(want) == [(i, c) for i in range(3) for c in range(2)]
   for key in want:
     np.testing.assert_array_equal(got[key], want[key])

@@ -156,7 +156,7 @@ def test_scheduler_puts_units_with_the_same_teachers_on_one_device():
 
 def test_method_presets_express_the_paper_rows():
   from configs import common
-  from prism_jax.stages import recover
+  from prism_jax.recover import plan as recover_plan
   get = lambda m: common.set_recover_method(common.base_config(), m).recover
   prism = get("prism")
   assert (prism.distribution, prism.strategy, prism.granularity, prism.init) == ("bernoulli", "pre", "ipc", "real")
@@ -165,11 +165,11 @@ def test_method_presets_express_the_paper_rows():
   sre2l = get("sre2l")
   assert (sre2l.distribution, sre2l.init, sre2l.learning_rate, sre2l.iteration_step) == ("single", "noise", 0.25, 0)
   for k in (2, 3, 4):
-    spec_k = recover.selection_spec(get(f"multi_k{k}"))
+    spec_k = recover_plan.selection_spec(get(f"multi_k{k}"))
     assert selection.pre_selection(spec_k, 0, 5, 0, "ipc")[1] == ("resnet18",) + POOL[:k - 1]
   intra = get("prism_intra")
-  assert intra.strategy == "intra" and recover.selection_spec(intra).all_logit_teachers()[0] == "resnet18"
-  decoupled = recover.selection_spec(get("decoupled_pre"))
+  assert intra.strategy == "intra" and recover_plan.selection_spec(intra).all_logit_teachers()[0] == "resnet18"
+  decoupled = recover_plan.selection_spec(get("decoupled_pre"))
   draws = {selection.pre_selection(decoupled, 0, i, 0, "ipc")[1] for i in range(60)}
   assert draws == {("mobilenet_v2",), ("efficientnet_b0",), ("shufflenet_v2_x0_5",)}
   assert get("prism_uniform").distribution == "uniform_subsets"

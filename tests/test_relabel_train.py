@@ -10,9 +10,10 @@ import pytest
 import recover_utils as ru
 from configs import common
 from prism_jax.data import image_sets, sources
-from prism_jax.io import artifacts
+from prism_jax.io import artifacts, layout
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.relabel import labeler, store, views
+from prism_jax.relabel import labeler, reader, store, views
+from prism_jax.relabel import plan as relabel_plan
 from prism_jax.stages import relabel, train
 from prism_jax.train import losses
 
@@ -29,7 +30,8 @@ def make_config(assets, **train_overrides):
   c.image_sets = ("random_real",)
   common.set_protocol(c, "prism")
   rl = c.relabel
-  rl.teachers, rl.teachers_dir, rl.aggregation = ("tiny_a", "tiny_b"), assets["teachers"], "norm_rescaled_mean"
+  c.teachers_dir = assets["teachers"]
+  rl.teachers, rl.aggregation = ("tiny_a", "tiny_b"), "norm_rescaled_mean"
   tr = c.train
   tr.student, tr.width = "tiny_a", 1.0
   tr.epochs, tr.batch_size, tr.accumulation = 3, 8, 2
@@ -44,14 +46,14 @@ def make_config(assets, **train_overrides):
 def relabeled(assets, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("relabel_run"))
   config = make_config(assets)
+  ru.distill(config, workdir)
   index = relabel.run(config, workdir, mesh_lib.make_mesh(8))["random_real"]
   return workdir, config, index
 
 
 def _image_set(config, workdir):
   dataset = sources.open_dataset(config.data)
-  return dataset, image_sets.load("random_real", workdir=workdir, dataset=dataset, ipc=config.recover.ipc,
-                                  seed=config.seed)
+  return dataset, image_sets.load("random_real", workdir=workdir, dataset=dataset)
 
 
 def test_views_replay_crop_flip_and_cutmix_by_hand():
@@ -86,7 +88,7 @@ def test_plan_is_a_function_of_seed_epoch_batch_only():
 
 def test_relabel_writes_checksummed_epoch_shards(relabeled):
   workdir, config, index = relabeled
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  directory = layout.relabel_dir(workdir, "random_real")
   assert index["complete"] and sorted(index["shards"]) == [store.shard_name(e) for e in range(3)]
   shard = store.read_shard(directory, 1, index)
   assert shard["logits"].dtype == np.float16 and shard["logits"].shape == (2, 8, 4)
@@ -99,19 +101,19 @@ def test_relabel_writes_checksummed_epoch_shards(relabeled):
 def test_student_sees_exactly_the_pixels_the_teachers_labeled(relabeled):
   workdir, config, index = relabeled
   dataset, image_set = _image_set(config, workdir)
-  spec = relabel.view_spec(config, dataset)
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  spec = relabel_plan.view_spec(config, dataset)
+  directory = layout.relabel_dir(workdir, "random_real")
   epoch, b = 2, 1
   # What the relabel stage fed the teachers (its own plan draw) ...
-  indices, params = relabel.draw_batch(image_set.num_images, 8, spec, config.seed, epoch, b)
+  indices, params = relabel_plan.draw_batch(image_set.num_images, 8, spec, config.seed, epoch, b)
   teacher_input = views.normalized_views(image_set.images[indices], params, spec, dataset.mean, dataset.std)
   # ... and what the train stage builds from the stored shard.
-  images, stored_params, hard, logits = train.stored_batch(store.read_shard(directory, epoch, index), b,
+  images, stored_params, hard, logits = reader.stored_batch(store.read_shard(directory, epoch, index), b,
                                                            image_set.images, image_set.labels)
   student_input = views.normalized_views(images, stored_params, spec, dataset.mean, dataset.std)
   np.testing.assert_array_equal(np.asarray(student_input), np.asarray(teacher_input))
   np.testing.assert_array_equal(hard, image_set.labels[indices])
-  models_, variables, _ = relabel.load_teacher_set(("tiny_a", "tiny_b"), config.relabel.teachers_dir, dataset)
+  models_, variables, _ = ru.teacher_set(("tiny_a", "tiny_b"), config.teachers_dir, dataset)
   recomputed = labeler.ensemble_logits(models_, variables, student_input, "norm_rescaled_mean")
   np.testing.assert_allclose(logits.astype(np.float32), np.asarray(recomputed), rtol=2e-3, atol=2e-3)
   assert np.abs(logits).max() > 0
@@ -120,12 +122,12 @@ def test_student_sees_exactly_the_pixels_the_teachers_labeled(relabeled):
 def test_online_mode_computes_the_stored_labels(relabeled, assets):
   workdir, config, index = relabeled
   dataset, image_set = _image_set(config, workdir)
-  spec = relabel.view_spec(config, dataset)
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  spec = relabel_plan.view_spec(config, dataset)
+  directory = layout.relabel_dir(workdir, "random_real")
   shard = store.read_shard(directory, 0, index)
-  models_, variables, _ = relabel.load_teacher_set(("tiny_a", "tiny_b"), config.relabel.teachers_dir, dataset)
+  models_, variables, _ = ru.teacher_set(("tiny_a", "tiny_b"), config.teachers_dir, dataset)
   for b in range(2):
-    indices, params = relabel.draw_batch(image_set.num_images, 8, spec, config.seed, 0, b)
+    indices, params = relabel_plan.draw_batch(image_set.num_images, 8, spec, config.seed, 0, b)
     x = views.normalized_views(image_set.images[indices], params, spec, dataset.mean, dataset.std)
     online = np.asarray(labeler.ensemble_logits(models_, variables, x, "norm_rescaled_mean"))
     np.testing.assert_allclose(online, shard["logits"][b].astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -133,7 +135,7 @@ def test_online_mode_computes_the_stored_labels(relabeled, assets):
 
 def test_relabel_resume_redoes_only_the_unfinished_epoch(relabeled, assets):
   workdir, config, index = relabeled
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  directory = layout.relabel_dir(workdir, "random_real")
   before = dict(index["shards"])
   kept = os.path.getmtime(os.path.join(directory, store.shard_name(0)))
   # A run killed after writing epoch 2's shard but before recording it, epoch 1 never written.
@@ -150,7 +152,7 @@ def test_train_stage_stored_labels_two_seeds(relabeled):
   workdir, config, _ = relabeled
   config.train.seeds = (0, 1)
   results = train.run(config, workdir, mesh_lib.make_mesh(8))["random_real"]
-  per_seed = [artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", s), train.STUDENT_FILE))
+  per_seed = [artifacts.read_json(os.path.join(layout.student_dir(workdir, "random_real", s), layout.STUDENT_FILE))
               for s in (0, 1)]
   best = [r["best_top1"] for r in per_seed]
   assert results["best_top1"]["values"] == best
@@ -168,9 +170,9 @@ def test_train_stage_stored_labels_two_seeds(relabeled):
 def test_student_step_loss_is_the_protocol_loss_on_the_stored_views(relabeled):
   workdir, config, index = relabeled
   dataset, image_set = _image_set(config, workdir)
-  spec = relabel.view_spec(config, dataset)
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
-  images, params, hard, logits = train.stored_batch(store.read_shard(directory, 0, index), 0,
+  spec = relabel_plan.view_spec(config, dataset)
+  directory = layout.relabel_dir(workdir, "random_real")
+  images, params, hard, logits = reader.stored_batch(store.read_shard(directory, 0, index), 0,
                                                     image_set.images, image_set.labels)
   from prism_jax import models
   from prism_jax.train import optim, student
@@ -200,9 +202,10 @@ def test_train_online_mode_runs_and_records_it(assets, tmp_path):
   config = make_config(assets, epochs=2, accumulation=1)
   config.relabel.mode = "online"
   workdir = str(tmp_path)
+  ru.distill(config, workdir)
   assert relabel.run(config, workdir, mesh_lib.make_mesh(4))["random_real"] == {"mode": "online"}
   results = train.run(config, workdir, mesh_lib.make_mesh(4))["random_real"]
-  meta = artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", 0), train.STUDENT_FILE))
+  meta = artifacts.read_json(os.path.join(layout.student_dir(workdir, "random_real", 0), layout.STUDENT_FILE))
   assert meta["fingerprint"]["relabel_mode"] == "online" and len(meta["history"]) == 2
   assert 0.0 <= results["best_top1"]["mean"] <= 1.0
 
@@ -211,12 +214,13 @@ def test_hard_label_protocol_trains_without_teachers_or_soft_labels(assets, tmp_
   config = make_config(assets)
   common.set_protocol(config, "hard_label")
   config.train.epochs, config.train.batch_size = 2, 8
-  config.relabel.teachers_dir = str(tmp_path / "no_teachers_here")  # nothing may read it
+  config.teachers_dir = str(tmp_path / "no_teachers_here")  # nothing may read it
   workdir = str(tmp_path / "work")
+  ru.distill(config, workdir)
   assert relabel.run(config, workdir, mesh_lib.make_mesh(4))["random_real"] == {"mode": "hard_labels"}
-  assert not os.path.exists(os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel"))
+  assert not os.path.exists(layout.relabel_dir(workdir, "random_real"))
   results = train.run(config, workdir, mesh_lib.make_mesh(4))["random_real"]
-  meta = artifacts.read_json(os.path.join(train.student_dir(workdir, "random_real", 0), train.STUDENT_FILE))
+  meta = artifacts.read_json(os.path.join(layout.student_dir(workdir, "random_real", 0), layout.STUDENT_FILE))
   fp = meta["fingerprint"]
   assert fp["relabel_mode"] == "none" and "teachers" not in fp and fp["train"]["loss"] == "ce"
   assert fp["views"] == {"rrc_scale": [0.08, 1.0], "flip": True, "cutmix": False, "patch_shuffle_grid": 0}
@@ -235,22 +239,29 @@ def test_hard_label_protocol_trains_without_teachers_or_soft_labels(assets, tmp_
 ])
 def test_train_refuses_labels_made_for_other_settings(relabeled, field, value, message):
   workdir, config, _ = relabeled
-  other = make_config({"data": config.data.path, "teachers": config.relabel.teachers_dir}, **{field: value})
+  other = make_config({"data": config.data.path, "teachers": config.teachers_dir}, **{field: value})
   with pytest.raises(artifacts.ArtifactError, match=message):
     train.run(other, workdir, mesh_lib.make_mesh(1))
 
 
-def test_train_refuses_labels_of_another_image_set(relabeled):
+def test_train_refuses_labels_of_another_image_set(relabeled, tmp_path):
+  import shutil
   workdir, config, _ = relabeled
-  other = make_config({"data": config.data.path, "teachers": config.relabel.teachers_dir})
-  other.seed = 5  # a different random_real draw
+  other = make_config({"data": config.data.path, "teachers": config.teachers_dir})
+  other.seed = 5  # a different random_real draw, next to the first draw's soft labels
+  other_workdir = str(tmp_path / "other")
+  ru.distill(other, other_workdir)
+  shutil.copytree(layout.relabel_dir(workdir, "random_real"), layout.relabel_dir(other_workdir, "random_real"))
   with pytest.raises(artifacts.ArtifactError, match="different image set"):
+    train.run(other, other_workdir, mesh_lib.make_mesh(1))
+  # The same set with another seed: the soft labels' plan (batches, views) is another one.
+  with pytest.raises(artifacts.ArtifactError, match="different seed"):
     train.run(other, workdir, mesh_lib.make_mesh(1))
 
 
 def test_missing_and_corrupt_shards_are_named(relabeled, tmp_path):
   workdir, config, index = relabeled
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  directory = layout.relabel_dir(workdir, "random_real")
   with pytest.raises(artifacts.ArtifactError, match="missing soft-label shard for epoch 7"):
     store.read_shard(directory, 7, index)
   copy = str(tmp_path / "relabel")
@@ -275,6 +286,7 @@ def test_bad_relabel_and_train_config_values(assets, tmp_path):
     with pytest.raises(ValueError, match=message):
       train.run(config, str(tmp_path), mesh_lib.make_mesh(1))
   config = make_config(assets)
+  ru.distill(config, str(tmp_path))
   config.relabel.teachers = ("tiny_a", "missing_teacher")
   with pytest.raises(artifacts.ArtifactError, match="missing_teacher"):
     relabel.run(config, str(tmp_path), mesh_lib.make_mesh(1))
@@ -296,10 +308,10 @@ def test_protocol_presets():
   assert (c.train.schedule, c.train.zeta, c.train.gamma, c.relabel.rrc_scale) == ("prism_cos2", 2.5, 0.1, (0.25, 1.0))
   common.set_protocol(c, "hard_label")
   assert (c.train.loss, c.relabel.teachers, c.relabel.cutmix, c.relabel.rrc_scale) == ("ce", (), False, (0.08, 1.0))
-  relabel.check_config(c)  # no teachers needed
+  relabel_plan.check_config(c)  # no teachers needed
   c.train.loss, c.train.protocol = "mse_gt", "custom"
   with pytest.raises(ValueError, match="relabel.teachers is empty"):
-    relabel.check_config(c)
+    relabel_plan.check_config(c)
   with pytest.raises(ValueError, match="train.protocol"):
     common.set_protocol(c, "fancy")
 
@@ -328,9 +340,9 @@ def _tiny_state(name, tx, seed=0):
 def _stored_inputs(relabeled, epoch=0, b=0):
   workdir, config, index = relabeled
   dataset, image_set = _image_set(config, workdir)
-  directory = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
-  batch = train.stored_batch(store.read_shard(directory, epoch, index), b, image_set.images, image_set.labels)
-  return dataset, relabel.view_spec(config, dataset), batch
+  directory = layout.relabel_dir(workdir, "random_real")
+  batch = reader.stored_batch(store.read_shard(directory, epoch, index), b, image_set.images, image_set.labels)
+  return dataset, relabel_plan.view_spec(config, dataset), batch
 
 
 def test_accumulation_averages_micro_batch_gradients_and_ema_tracks_params(relabeled):
@@ -362,12 +374,12 @@ def test_killed_student_run_resumes_to_the_same_result(relabeled, tmp_path):
   workdir, config, _ = relabeled
   config.train.seeds = (3,)
   first = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
-  out = train.student_dir(workdir, "random_real", 3)
+  out = layout.student_dir(workdir, "random_real", 3)
   # Simulate a crash after step 4 of 6: the final checkpoint and the result file never written.
-  os.remove(os.path.join(out, train.STUDENT_FILE))
+  os.remove(os.path.join(out, layout.STUDENT_FILE))
   shutil.rmtree(os.path.join(out, "ckpt", "6"))
   again = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
-  meta = artifacts.read_json(os.path.join(out, train.STUDENT_FILE))
+  meta = artifacts.read_json(os.path.join(out, layout.STUDENT_FILE))
   assert meta["timing_last_run"]["steps_run"] == 2       # only steps 5 and 6 were run again
   assert again["best_top1"] == first["best_top1"] and again["last_top1"] == first["last_top1"]
 
@@ -375,14 +387,14 @@ def test_killed_student_run_resumes_to_the_same_result(relabeled, tmp_path):
 def test_labels_with_another_class_count_are_refused(relabeled, tmp_path):
   import shutil
   workdir, config, index = relabeled
-  src = os.path.join(image_sets.set_dir(workdir, "random_real"), "relabel")
+  src = layout.relabel_dir(workdir, "random_real")
   dst = str(tmp_path / "relabel")
   shutil.copytree(src, dst)
   shard = store.read_shard(dst, 0, index)
   shard["logits"] = np.zeros(shard["logits"].shape[:2] + (7,), np.float16)
   fixed = dict(index, shards=dict(index["shards"], **{store.shard_name(0): store.write_shard(dst, 0, shard)}))
   dataset, image_set = _image_set(config, workdir)
-  labels = train._StoredLabels.__new__(train._StoredLabels)
+  labels = reader.StoredLabels.__new__(reader.StoredLabels)
   labels.dir, labels.index, labels._epoch, labels._shard, labels.num_classes = dst, fixed, -1, None, 4
   with pytest.raises(artifacts.ArtifactError, match="7 classes in the soft labels, the student has 4"):
     labels.epoch(0)
@@ -394,4 +406,4 @@ def test_a_protocol_name_that_does_not_match_the_settings_is_refused(assets, tmp
   with pytest.raises(ValueError, match="train.protocol='rd3' but relabel.aggregation"):
     relabel.run(config, str(tmp_path), mesh_lib.make_mesh(1))
   config.train.protocol = "custom"
-  relabel.check_config(config)
+  relabel_plan.check_config(config)

@@ -16,14 +16,15 @@ import recover_utils as ru
 from configs import common
 from prism_jax.io import artifacts, fs
 from prism_jax.parallel import mesh as mesh_lib
-from prism_jax.stages import evaluate, recover, relabel
+from prism_jax.io import layout
+from prism_jax.stages import distill, evaluate, relabel
 
 
 def make_config(data: str, teachers: str):
   c = common.base_config()
   c.data = common.data_config(source="arrays", name="tiny", path=data)
+  c.teachers_dir = teachers
   rc = c.recover
-  rc.teachers_dir = teachers
   rc.ipc, rc.classes_per_batch = 2, 2
   rc.logit_teacher, rc.bn_pool = "tiny_a", ("tiny_b",)
   rc.distribution, rc.fixed_teachers, rc.k_max = "fixed", ("tiny_a", "tiny_b"), 2
@@ -31,7 +32,7 @@ def make_config(data: str, teachers: str):
   rc.iterations_per_call, rc.checkpoint_every_iterations = 2, 2
   common.set_protocol(c, "prism")
   rl = c.relabel
-  rl.teachers, rl.teachers_dir, rl.aggregation = ("tiny_a", "tiny_b"), teachers, "norm_rescaled_mean"
+  rl.teachers, rl.aggregation = ("tiny_a", "tiny_b"), "norm_rescaled_mean"
   c.train.epochs, c.train.batch_size = 2, 4
   c.evaluate.reference_model, c.evaluate.umap = "tiny_a", False
   c.progress_interval_s = 0.0
@@ -41,7 +42,7 @@ def make_config(data: str, teachers: str):
 def run_stages(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(2)
   return {name: module.run(config, workdir, mesh)
-          for name, module in (("recover", recover), ("relabel", relabel), ("evaluate", evaluate))}
+          for name, module in (("recover", distill), ("relabel", relabel), ("evaluate", evaluate))}
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +100,14 @@ def test_remote_rerun_resumes_without_recomputing(runs, capsys):
   before = artifacts.sha256_file(images)
   mesh = mesh_lib.make_mesh(2)
   capsys.readouterr()
-  assert recover.run(config, remote, mesh)["num_images"] == 8
+  assert ru.run_recover(config, remote, mesh)["num_images"] == 8
   assert relabel.run(config, remote, mesh)["recover"]["complete"]
   out = capsys.readouterr().out
   assert "[recover] already done: 8 images" in out and "[relabel recover] already done" in out
   # Without the completion marker, the finished wave files are reused: no iteration runs and the
   # same set is exported again.
-  fs.remove(os.path.join(remote, "recover", recover.DONE_FILE))
-  recover.run(config, remote, mesh)
+  fs.remove(layout.distilled_marker(remote, "recover"))
+  ru.run_recover(config, remote, mesh)
   out = capsys.readouterr().out
   assert "[recover] 8 images" in out and "wave-iteration" not in out
   assert artifacts.sha256_file(images) == before
@@ -131,7 +132,7 @@ def test_main_takes_a_remote_work_directory(runs, tmp_path, capsys):
   from prism_jax import main as main_module
   local = runs["local"]["config"]
   config = tmp_path / "remote_main.py"
-  config.write_text(MAIN_CONFIG.format(data=local.data.path, teachers=local.recover.teachers_dir))
+  config.write_text(MAIN_CONFIG.format(data=local.data.path, teachers=local.teachers_dir))
   workdir = f"ram://prism-main-{uuid.uuid4().hex[:12]}/run"
   flags.FLAGS([ "prism_jax.main", f"--config={config}", f"--workdir={workdir}"])
   try:

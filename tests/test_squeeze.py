@@ -104,6 +104,26 @@ def test_corrupt_teacher_is_detected(trained_workdir, tmp_path):
     teacher_store.load_teacher(str(dst))
 
 
+def test_a_teacher_whose_variables_fail_their_checksum_is_not_trusted(trained_workdir, tmp_path, capsys):
+  import shutil
+  from prism_jax.parallel import mesh as mesh_lib
+  from prism_jax.stages import squeeze
+  src, _ = trained_workdir
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(os.path.join(src, "teachers"), os.path.join(workdir, "teachers"))
+  path = os.path.join(workdir, "teachers", "resnet18", teacher_store.VARIABLES_FILE)
+  want = open(path, "rb").read()
+  data = bytearray(want)
+  data[len(data) // 3] ^= 0x40  # one flipped bit: same size, wrong weights
+  open(path, "wb").write(bytes(data))
+  capsys.readouterr()
+  squeeze.run(_tiny_config(), workdir, mesh_lib.make_mesh(2))
+  out = capsys.readouterr().out
+  assert "variables.msgpack fails its checksum" in out and "already trained" not in out
+  # The finished run's last checkpoint is restored: the same teacher, written again.
+  assert open(path, "rb").read() == want
+
+
 def test_resume_after_kill_matches_uninterrupted_run(trained_workdir, tmp_path):
   reference_dir, _ = trained_workdir
   workdir = str(tmp_path / "killed")

@@ -1,9 +1,11 @@
 """Distilled image sets that relabel, train and evaluate consume, under one interface.
 
-  recover      the work directory's recovered images (`recover/images.npz`)
-  random_real  IPC real training images per class drawn without replacement from a seed (the RD3 /
-               SRe2L random-real baseline); IPC is `recover.ipc`
+  <name>       a set the distill stage made in this work directory (io/layout.py: `recover` in
+               recover/, any other in sets/<name>/distill/), e.g. 'recover', 'random_real'
   <path>       any directory holding an `images.npz` in the recover layout (another run's output)
+
+`random_real_indices` is the random-real draw: IPC real training images per class drawn without
+replacement from a seed (the RD3 / SRe2L baseline); the random_real method writes that set.
 
 Every set carries its class order and a content hash; the artifacts made from a set record both, so
 labels made for one set are never used with another.
@@ -17,7 +19,8 @@ import os
 
 import numpy as np
 
-from prism_jax.io import artifacts, fs
+from prism_jax import errors
+from prism_jax.io import artifacts, fs, layout
 
 RECOVER = "recover"
 RANDOM_REAL = "random_real"
@@ -48,31 +51,32 @@ class ImageSet:
             "class_names": list(self.class_names), "image_shape": list(self.images.shape[1:])}
 
 
-def set_dir(workdir: str, name: str) -> str:
-  """Where the relabel/train artifacts of image set `name` live."""
-  safe = os.path.basename(os.path.normpath(name)) if os.sep in name else name
-  return os.path.join(workdir, "sets", safe)
-
-
-def random_real(dataset, ipc: int, seed: int) -> ImageSet:
-  """IPC training images per class, chosen without replacement by a seeded generator."""
+def random_real_indices(dataset, ipc: int, seed: int) -> np.ndarray:
+  """Training-split indices of IPC images per class, chosen without replacement by a seeded
+  generator, in class-major order (like the recover output)."""
   per_class = dataset.class_indices("train")
   smallest = min(len(rows) for rows in per_class)
   if ipc > smallest:
-    raise ValueError(f"recover.ipc={ipc}: the random_real baseline needs {ipc} images per class but "
-                     f"the smallest class of {dataset.name} has {smallest}")
+    raise errors.ConfigError(f"recover.ipc={ipc}: the random_real baseline needs {ipc} images per class but "
+                             f"the smallest class of {dataset.name} has {smallest}")
   rng = np.random.default_rng([seed, _RANDOM_REAL_STREAM])
   chosen = np.concatenate([np.sort(rng.choice(rows, size=ipc, replace=False)) for rows in per_class])
   labels = dataset.labels("train")[chosen].astype(np.int32)
   order = np.lexsort((np.arange(len(chosen)), labels))  # class-major, like the recover output
-  chosen, labels = chosen[order], labels[order]
+  return chosen[order]
+
+
+def random_real(dataset, ipc: int, seed: int) -> ImageSet:
+  """The random-real set drawn in memory (the method random_real writes the same images)."""
+  chosen = random_real_indices(dataset, ipc, seed)
+  labels = dataset.labels("train")[chosen].astype(np.int32)
   return ImageSet(RANDOM_REAL, dataset.read("train", chosen), labels, tuple(dataset.class_names),
                   f"random_real(ipc={ipc}, seed={seed}) from {dataset.name}")
 
 
 def load_npz(path: str, name: str) -> ImageSet:
   if not fs.exists(path):
-    raise FileNotFoundError(f"{path}: no image set here")
+    raise artifacts.ArtifactError(f"{path}: no image set here (expected an images.npz in the recover layout)")
   with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
     missing = [k for k in ("images", "labels", "class_names") if k not in z.files]
     if missing:
@@ -87,18 +91,18 @@ def load_npz(path: str, name: str) -> ImageSet:
   return ImageSet(name, images, labels.astype(np.int32), class_names, path)
 
 
-def load(name: str, *, workdir: str, dataset, ipc: int, seed: int) -> ImageSet:
-  """Opens image set `name` and checks it matches the dataset's class order and image size."""
-  if name == RECOVER:
-    path = os.path.join(workdir, "recover", "images.npz")
-    if not fs.exists(os.path.join(workdir, "recover", "recover.json")):
-      raise artifacts.ArtifactError(f"{os.path.join(workdir, 'recover')}: no finished recovered set; "
-                                    "run the recover stage first (--config.stage=recover)")
-    image_set = load_npz(path, RECOVER)
-  elif name == RANDOM_REAL:
-    image_set = random_real(dataset, ipc, seed)
+def load(name: str, *, workdir: str, dataset) -> ImageSet:
+  """Opens image set `name` (made by the distill stage in `workdir`, or a directory holding an
+  images.npz) and checks it matches the dataset's class order and image size."""
+  if layout.is_directory_set(name):
+    image_set = load_npz(os.path.join(name, layout.IMAGES_FILE), name)
   else:
-    image_set = load_npz(os.path.join(name, "images.npz"), name)
+    marker = layout.distilled_marker(workdir, name)
+    if not fs.exists(marker):
+      raise artifacts.ArtifactError(
+          f"{layout.distilled_dir(workdir, name)}: no finished '{name}' set; run the distill stage first "
+          "(--config.stage=distill, alias recover; it makes every set of config.image_sets)")
+    image_set = load_npz(layout.images_file(workdir, name), name)
   if tuple(image_set.class_names) != tuple(dataset.class_names):
     raise artifacts.ArtifactError(
         f"{image_set.origin}: class order {list(image_set.class_names)[:5]}... differs from the data's "

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from prism_jax import errors
 from prism_jax.io import fs
 
 
@@ -30,8 +31,7 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-class ArtifactError(ValueError):
-  """An artifact is missing, corrupt or inconsistent with the requested configuration."""
+ArtifactError = errors.ArtifactError  # re-exported: every artifact reader raises it
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from prism_jax import errors
 from prism_jax.io import fs
 
 # URL schemes orbax can use: those etils.epath knows (etils/epath/gpath.py, _URI_SCHEMES).
@@ -21,9 +22,8 @@ ORBAX_SCHEMES = ("gs", "s3", "az", "hf")
 def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
   scheme = directory.split("://", 1)[0] if fs.is_remote(directory) else None
   if scheme is not None and scheme not in ORBAX_SCHEMES:
-    raise ValueError(f"{directory}: orbax checkpoints need a local or gs:// directory, not {scheme}:// (orbax's "
-                     f"etils.epath knows only {', '.join(s + '://' for s in ORBAX_SCHEMES)}); the squeeze and "
-                     "train stages checkpoint, so give them such a --workdir")
+    raise errors.ConfigError(f"{directory}: orbax checkpoints need a local or gs:// directory, not {scheme}://; "
+                             "the squeeze, diffusion and train stages checkpoint, so give them such a --workdir")
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.AnySavePolicy([

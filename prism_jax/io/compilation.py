@@ -20,6 +20,8 @@ import threading
 
 import jax
 
+from prism_jax import errors
+
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _BACKEND = "/jax/core/compile/backend_compile_duration"  # XLA compilation, or a cache read
@@ -48,7 +50,7 @@ def enable_persistent_cache(directory: str) -> str | None:
     try:
       os.makedirs(directory, exist_ok=True)
     except OSError as e:
-      raise ValueError(f"--compilation_cache_dir={directory}: cannot create the directory ({e.strerror}); "
+      raise errors.ConfigError(f"--compilation_cache_dir={directory}: cannot create the directory ({e.strerror}); "
                        "pass another directory, or an empty value to turn the cache off") from None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", directory)

@@ -65,6 +65,11 @@ def isdir(path: str) -> bool:
   return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
+def size(path: str) -> int:
+  """Size of file `path` in bytes."""
+  return int(_gfile().stat(path).length) if is_remote(path) else os.path.getsize(path)
+
+
 def makedirs(path: str) -> None:
   """Creates `path` and its parents; an existing directory is fine."""
   if is_remote(path):

@@ -10,6 +10,7 @@ same way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -40,6 +41,17 @@ def save_teacher(teacher_dir: str, *, name: str, variables: Mapping[str, Any],
               dataset=dataset, test_accuracy=test_accuracy,
               variables_sha256=artifacts.sha256_bytes(data), **dict(extra or {}))
   artifacts.write_json(os.path.join(teacher_dir, META_FILE), meta)
+
+
+def damaged(teacher_dir: str, meta: Mapping[str, Any]) -> str | None:
+  """Why a finished teacher's variables file cannot be trusted (missing, or not the recorded
+  checksum), or None when it is intact."""
+  path = os.path.join(teacher_dir, VARIABLES_FILE)
+  if not fs.exists(path):
+    return f"{path} is missing"
+  if artifacts.sha256_file(path) != meta.get("variables_sha256"):
+    return f"{path} fails its checksum"
+  return None
 
 
 def load_meta(teacher_dir: str) -> dict[str, Any]:
@@ -87,3 +99,34 @@ def check_variables_match(model, variables: Mapping[str, Any], *, image_size: in
 def _short(names: Sequence[str]) -> str:
   names = list(names)
   return f"{len(names)} classes {names[:5]}{'...' if len(names) > 5 else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSet:
+  """Teachers loaded for one use, in the order asked for."""
+  names: tuple[str, ...]
+  models: tuple
+  variables: tuple
+  metas: tuple
+
+  @property
+  def checksums(self) -> dict[str, str]:
+    return {name: meta["variables_sha256"] for name, meta in zip(self.names, self.metas)}
+
+
+def load_teacher_set(names: Sequence[str], teachers_root: str, *, class_names: Sequence[str],
+                     needed_by: str, dtype: Any = jnp.float32) -> TeacherSet:
+  """Loads teachers `names` from `teachers_root` (one sub-directory each), each verified (checksum,
+  class order, shapes); a missing one is named with `needed_by` (the config field that asks for it)
+  and how to make it. The one loader of recover, relabel, online training and evaluate."""
+  models, variables, metas = [], [], []
+  for name in names:
+    path = os.path.join(teachers_root, name)
+    if not is_complete(path):
+      raise artifacts.ArtifactError(
+          f"{path}: no teacher '{name}' (needed by {needed_by}); train it with the squeeze stage "
+          f"(--config.stage=squeeze --config.squeeze.teachers=\"('{name}',)\") or import torchvision "
+          "weights with `python -m prism_jax.tools.import_torchvision`")
+    model, var, meta = load_teacher(path, expected_class_names=class_names, dtype=dtype)
+    models.append(model); variables.append(var); metas.append(meta)
+  return TeacherSet(tuple(names), tuple(models), tuple(variables), tuple(metas))

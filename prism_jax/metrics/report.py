@@ -44,7 +44,7 @@ def format_value(value: Any) -> str:
     return str(int(value))
   if _is_number(value):
     value = float(value)
-    return "nan" if math.isnan(value) else f"{value:.2f}"
+    return "–" if math.isnan(value) else f"{value:.2f}"  # undefined (e.g. intra_cos at IPC 1)
   pair = _mean_std(value)
   if pair is not None:
     return f"{format_value(pair[0])} ± {format_value(pair[1])}"

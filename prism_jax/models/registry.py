@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prism_jax import errors
 from prism_jax.models import alexnet, efficientnet, mobilenet_v2, resnet, shufflenet_v2
 
 
@@ -63,11 +64,11 @@ def create_model(name: str, *, num_classes: int, stem: str = "imagenet", width: 
                  dtype: Any = jnp.float32) -> nn.Module:
   """Builds a zoo model; `stem` is 'imagenet' (torchvision) or 'small' (32-64 px inputs)."""
   if name not in _FACTORIES:
-    raise ValueError(f"unknown model name {name!r}; known models: {', '.join(_FACTORIES)}")
+    raise errors.ConfigError(f"unknown model name {name!r}; known models: {', '.join(_FACTORIES)}")
   if stem not in ("imagenet", "small"):
-    raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+    raise errors.ConfigError(f"stem must be 'imagenet' or 'small', got {stem!r}")
   if not width > 0:
-    raise ValueError(f"width must be > 0, got {width}")
+    raise errors.ConfigError(f"width must be > 0, got {width}")
   if int(num_classes) < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   return _FACTORIES[name](num_classes=int(num_classes), stem=stem, width=float(width), dtype=dtype)

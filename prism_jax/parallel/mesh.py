@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prism_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -15,9 +17,9 @@ def make_mesh(num_devices: int = -1) -> Mesh:
   if num_devices == -1:
     num_devices = len(devices)
   if not 1 <= num_devices <= len(devices):
-    raise ValueError(f"mesh.num_devices={num_devices}: expected -1 or 1..{len(devices)}")
+    raise errors.ConfigError(f"mesh.num_devices={num_devices}: expected -1 or 1..{len(devices)}")
   if num_devices != len(devices) and jax.process_count() > 1:
-    raise ValueError("mesh.num_devices must be -1 when running on several processes")
+    raise errors.ConfigError("mesh.num_devices must be -1 when running on several processes")
   return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from prism_jax import errors
 from prism_jax.parallel import mesh as mesh_lib
 
 # Environment variables that mean "this process is one worker of a managed cluster" for which
@@ -33,7 +34,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     process_id = int(os.environ.get("PRISM_PROCESS_ID", "-1"))
   if coordinator_address:
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
+      raise errors.ConfigError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
                        f"0 <= --process_id < num_processes (got {num_processes}, {process_id})")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
@@ -85,7 +86,7 @@ def check_shared_directory(directory: str, stage: str) -> None:
   sees = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
   blind = [i for i, ok in enumerate(sees) if not ok]
   if blind:
-    raise ValueError(f"--workdir={directory}: process(es) {blind} do not see the files process 0 writes "
+    raise errors.ConfigError(f"--workdir={directory}: process(es) {blind} do not see the files process 0 writes "
                      f"there; the {stage} stage of a multi-process run needs one work directory shared by "
                      "every process (a gs:// bucket or the same shared mount on every host)")
 

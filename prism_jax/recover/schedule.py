@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-import numpy as np
+from prism_jax import errors
 
 
 def iterations_for(ipc_index: int, base: int, step: int, period: int) -> int:
   """T(i) = base - step * (i mod period): official PRISM 4000, 3500, ..., 500, then again."""
   t = base - step * (ipc_index % max(period, 1))
   if t < 1:
-    raise ValueError(f"recover.iterations={base} - {step} * ({ipc_index} mod {period}) = {t}: "
+    raise errors.ConfigError(f"recover.iterations={base} - {step} * ({ipc_index} mod {period}) = {t}: "
                      "expected at least 1 iteration")
   return t
 

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from prism_jax import errors
+
 DISTRIBUTIONS = ("bernoulli", "uniform_subsets", "fixed", "single")
 STRATEGIES = ("pre", "intra")
 GRANULARITIES = ("ipc", "batch")
@@ -33,25 +35,25 @@ class SelectionSpec:
 
   def validate(self) -> None:
     if self.distribution not in DISTRIBUTIONS:
-      raise ValueError(f"recover.distribution={self.distribution!r}: expected one of {DISTRIBUTIONS}")
+      raise errors.ConfigError(f"recover.distribution={self.distribution!r}: expected one of {DISTRIBUTIONS}")
     if self.k_max < 1:
-      raise ValueError(f"recover.k_max={self.k_max}: expected >= 1")
+      raise errors.ConfigError(f"recover.k_max={self.k_max}: expected >= 1")
     if not 0.0 <= self.p <= 1.0:
-      raise ValueError(f"recover.p={self.p}: expected a probability in [0, 1]")
+      raise errors.ConfigError(f"recover.p={self.p}: expected a probability in [0, 1]")
     if len(set(self.bn_pool)) != len(self.bn_pool):
-      raise ValueError(f"recover.bn_pool={self.bn_pool}: names must be distinct")
+      raise errors.ConfigError(f"recover.bn_pool={self.bn_pool}: names must be distinct")
     if self.bn_primary in self.bn_pool:
-      raise ValueError(f"recover.bn_pool contains the BN primary '{self.bn_primary}': list only the extras")
+      raise errors.ConfigError(f"recover.bn_pool contains the BN primary '{self.bn_primary}': list only the extras")
     if self.distribution == "bernoulli" and self.k_max - 1 > len(self.bn_pool):
-      raise ValueError(f"recover.k_max={self.k_max} needs {self.k_max - 1} extra BN teachers, but "
+      raise errors.ConfigError(f"recover.k_max={self.k_max} needs {self.k_max - 1} extra BN teachers, but "
                        f"recover.bn_pool has only {len(self.bn_pool)}: {self.bn_pool}")
     if self.distribution == "uniform_subsets":
       available = len(self.bn_pool) + 1
       if self.k_max > available:
-        raise ValueError(f"recover.k_max={self.k_max} is larger than the {available} BN teachers "
+        raise errors.ConfigError(f"recover.k_max={self.k_max} is larger than the {available} BN teachers "
                          f"available (primary '{self.bn_primary}' + recover.bn_pool {self.bn_pool})")
     if self.distribution == "fixed" and not self.fixed_teachers:
-      raise ValueError("recover.distribution='fixed' needs recover.fixed_teachers (a list of model names)")
+      raise errors.ConfigError("recover.distribution='fixed' needs recover.fixed_teachers (a list of model names)")
 
   def all_bn_teachers(self) -> tuple[str, ...]:
     """Every model the distribution can draw as a BN teacher."""
@@ -101,7 +103,7 @@ def valid_subsets(spec: SelectionSpec) -> list[tuple[str, ...]]:
 def pre_selection(spec: SelectionSpec, seed: int, ipc_index: int, chunk: int, granularity: str):
   """(logit teacher, BN teachers) fixed for the whole optimization of one unit (`pre` strategy)."""
   if granularity not in GRANULARITIES:
-    raise ValueError(f"recover.granularity={granularity!r}: expected one of {GRANULARITIES}")
+    raise errors.ConfigError(f"recover.granularity={granularity!r}: expected one of {GRANULARITIES}")
   indices = (ipc_index,) if granularity == "ipc" else (ipc_index, chunk)
   return spec.logit_teacher, draw_bn_teachers(spec, _rng(seed, _PURPOSE_PRE, *indices))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prism_jax import errors
+
 AGGREGATIONS = ("norm_rescaled_mean", "mean", "single")
 
 
@@ -19,7 +21,7 @@ def aggregate_logits(logits: jax.Array, method: str) -> jax.Array:
   single: the first teacher's logits, whatever K is (configs pair it with one teacher).
   """
   if method not in AGGREGATIONS:
-    raise ValueError(f"relabel.aggregation={method!r}: expected one of {AGGREGATIONS}")
+    raise errors.ConfigError(f"relabel.aggregation={method!r}: expected one of {AGGREGATIONS}")
   logits = jnp.asarray(logits)
   if logits.ndim != 3 or logits.shape[0] < 1:
     raise ValueError(f"teacher logits of shape {logits.shape}: expected (teachers >= 1, batch, classes)")

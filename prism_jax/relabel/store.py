@@ -57,9 +57,20 @@ def read_shard(directory: str, epoch: int, index: dict) -> dict:
   found = artifacts.sha256_file(path)
   if found != expected:
     raise artifacts.ArtifactError(f"{path}: checksum {found[:12]}... does not match the index "
-                                  f"({expected[:12]}...); the shard is corrupt: delete it and rerun relabel")
+                                  f"({expected[:12]}...); the shard is corrupt: rerun the relabel stage "
+                                  "(--config.stage=relabel), which redoes it")
   with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
     return {k: z[k] for k in SHARD_KEYS}
+
+
+def damaged_shards(directory: str, index: dict) -> list[str]:
+  """Names of the index's shards that are missing or fail their recorded checksum."""
+  bad = []
+  for name, expected in sorted(index.get("shards", {}).items()):
+    path = os.path.join(directory, name)
+    if not fs.exists(path) or artifacts.sha256_file(path) != expected:
+      bad.append(name)
+  return bad
 
 
 def bytes_per_epoch(batches: int, batch_size: int, num_classes: int, patch_cells: int) -> int:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prism_jax import errors
 from prism_jax.data import augment as aug
 from prism_jax.data import sources
 from prism_jax.data import stats as data_stats
@@ -39,9 +40,9 @@ class ViewSpec:
   def validate(self) -> None:
     low, high = self.rrc_scale
     if not 0 < low <= high <= 1:
-      raise ValueError(f"relabel.rrc_scale={self.rrc_scale}: expected 0 < low <= high <= 1")
+      raise errors.ConfigError(f"relabel.rrc_scale={self.rrc_scale}: expected 0 < low <= high <= 1")
     if self.patch_shuffle_grid < 0 or (self.patch_shuffle_grid and self.image_size % self.patch_shuffle_grid):
-      raise ValueError(f"relabel.patch_shuffle_grid={self.patch_shuffle_grid}: expected 0 or a divisor of "
+      raise errors.ConfigError(f"relabel.patch_shuffle_grid={self.patch_shuffle_grid}: expected 0 or a divisor of "
                        f"the image size {self.image_size}")
 
 

@@ -28,22 +28,22 @@ A finished stage is not redone, and one made with a different configuration is r
 from __future__ import annotations
 
 import functools
-import io
 import os
 import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prism_jax import errors
 from prism_jax.data import pipeline, sources
 from prism_jax.diffusion import dit as dit_lib
+from prism_jax.diffusion import grids
 from prism_jax.diffusion import latents as latents_lib
-from prism_jax.diffusion import sampling, training
+from prism_jax.diffusion import training
 from prism_jax.diffusion import schedule as schedule_lib
-from prism_jax.io import artifacts, diffusion_store, fs, monitoring
+from prism_jax.io import artifacts, diffusion_store, fs, layout, monitoring
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.train import loop
 
@@ -56,8 +56,43 @@ _NON_RECIPE_FIELDS = ("import_dir", "class_map", "log_every_steps", "checkpoint_
                       "sample_every_steps")
 
 
+def validate(config) -> None:
+  """config.diffusion (no data); the batch's divisibility by the devices is checked at run time."""
+  dc = config.diffusion
+  dit = dit_lib
+
+  if dc.model and dc.import_dir:
+    raise errors.ConfigError(f"config.diffusion.model={dc.model!r} and config.diffusion.import_dir={dc.import_dir!r}: "
+                     "set one of them (model trains a DiT, import_dir uses an imported one)")
+  if dc.model:
+    try:
+      dit.dit_spec(dc.model, input_size=64, in_channels=3, num_classes=1)
+    except ValueError:
+      raise errors.ConfigError(f"config.diffusion.model={dc.model!r}: expected '' (no training) or a DiT size name "
+                       f"'<size>/<patch>' with size in {', '.join(dit.DIT_SIZES)}, e.g. 'T/2', 'S/2', 'B/2'") from None
+  if dc.space not in ("pixel", "latent"):
+    raise errors.ConfigError(f"config.diffusion.space={dc.space!r}: expected 'pixel' or 'latent'")
+  for field in ("steps", "batch_size", "learning_rate", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "sample_steps", "samples_per_class"):
+    if not dc[field] > 0:  # also catches NaN
+      raise errors.ConfigError(f"config.diffusion.{field}={dc[field]!r}: expected a positive number")
+  if dc.sample_every_steps < 0 or (dc.sample_every_steps and dc.sample_every_steps % dc.log_every_steps):
+    raise errors.ConfigError(f"config.diffusion.sample_every_steps={dc.sample_every_steps!r}: expected 0 (only the final "
+                     f"grid) or a multiple of config.diffusion.log_every_steps={dc.log_every_steps}")
+  if dc.weight_decay < 0:
+    raise errors.ConfigError(f"config.diffusion.weight_decay={dc.weight_decay!r}: expected >= 0")
+  if dc.cfg_scale < 0:
+    raise errors.ConfigError(f"config.diffusion.cfg_scale={dc.cfg_scale!r}: expected >= 0 (1 = no guidance)")
+  for field in ("ema_decay", "label_dropout"):
+    if not 0 <= dc[field] < 1:
+      raise errors.ConfigError(f"config.diffusion.{field}={dc[field]!r}: expected a value in [0, 1)")
+  if dc.class_map and not dc.import_dir:
+    raise errors.ConfigError("config.diffusion.class_map is set but config.diffusion.import_dir is '': the class map "
+                     "applies to an imported DiT only")
+
+
 def stage_dir(workdir: str) -> str:
-  return os.path.join(workdir, "diffusion")
+  return layout.diffusion_dir(workdir)
 
 
 def model_dir(workdir: str) -> str:
@@ -122,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     print("[diffusion] nothing to do: config.diffusion.model and config.diffusion.import_dir are ''", flush=True)
     return {}
   if dc.space not in ("pixel", "latent"):
-    raise ValueError(f"config.diffusion.space={dc.space!r}: expected 'pixel' or 'latent'")
+    raise errors.ConfigError(f"config.diffusion.space={dc.space!r}: expected 'pixel' or 'latent'")
   return train(config, workdir, mesh)
 
 
@@ -133,7 +168,7 @@ def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dc = config.diffusion
   source = dc.import_dir
   if not fs.exists(source) or not fs.isdir(source):
-    raise ValueError(f"config.diffusion.import_dir={source!r}: directory not found; expected a DiT imported "
+    raise errors.ConfigError(f"config.diffusion.import_dir={source!r}: directory not found; expected a DiT imported "
                      "with `python -m prism_jax.tools.import_dit` (a diffusion_store directory)")
   meta = diffusion_store.load_meta(source, kind="dit")
   try:
@@ -147,7 +182,7 @@ def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "'pixel')" if vae_info is None else
             f"the {side}x{side}x{channels} latents of the data's {dataset.image_size} px images (config.diffusion."
             f"space='latent', VAE {vae_info['dir']})")
-    raise ValueError(f"{os.path.join(source, diffusion_store.META_FILE)}: the DiT takes {spec['input_size']}x"
+    raise errors.ArtifactError(f"{os.path.join(source, diffusion_store.META_FILE)}: the DiT takes {spec['input_size']}x"
                      f"{spec['input_size']}x{spec['in_channels']} inputs, but it would see {seen}")
   data_names = list(dataset.class_names)
   model_names = meta.get("class_names")
@@ -156,14 +191,14 @@ def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
   by_name = False
   if class_map:
     if len(class_map) != dataset.num_classes:
-      raise ValueError(f"config.diffusion.class_map has {len(class_map)} entries; expected one per data class "
+      raise errors.ConfigError(f"config.diffusion.class_map has {len(class_map)} entries; expected one per data class "
                        f"({dataset.num_classes}: {data_names})")
     bad = [i for i in class_map if not 0 <= i < num_model_classes]
     if bad:
-      raise ValueError(f"config.diffusion.class_map={tuple(class_map)}: index {bad[0]} is outside the "
+      raise errors.ConfigError(f"config.diffusion.class_map={tuple(class_map)}: index {bad[0]} is outside the "
                        f"{num_model_classes} classes of the DiT in {source}")
     if len(set(class_map)) != len(class_map):
-      raise ValueError(f"config.diffusion.class_map={tuple(class_map)}: two data classes map to the same model "
+      raise errors.ConfigError(f"config.diffusion.class_map={tuple(class_map)}: two data classes map to the same model "
                        "class; expected distinct indices")
   elif model_names != data_names and model_names and set(data_names) <= set(model_names):
     # An ImageNet subset (Imagenette, Imagewoof, ...): its classes are synset ids the 1000-class
@@ -172,7 +207,7 @@ def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
     by_name = True
   elif model_names != data_names:
     shown = (model_names[:10] + ["..."] if model_names and len(model_names) > 10 else model_names)
-    raise ValueError(f"config.diffusion.import_dir={source!r}: the DiT's {num_model_classes} classes "
+    raise errors.ConfigError(f"config.diffusion.import_dir={source!r}: the DiT's {num_model_classes} classes "
                      f"{shown} are not the data's {dataset.num_classes} classes {data_names[:10]}; set "
                      "config.diffusion.class_map to the model's class index of each data class (e.g. the "
                      "ImageNet indices of an ImageNet subset)")
@@ -193,44 +228,6 @@ def check_import(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"model_dir": source, "class_map": class_map or None}
 
 
-# ----------------------------------------------------------------------------- training
-
-def normalize(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def sample_grid(samples: np.ndarray, rows: int, cols: int) -> np.ndarray:
-  """(rows * cols, H, W, C) uint8, row-major -> one (rows * H, cols * W, C) image."""
-  _, h, w, c = samples.shape
-  return samples[:rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-  from PIL import Image
-
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def _identity(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)
-
-
-def _eval_loss(params, images, labels, index, key, *, apply_fn, schedule, num_classes, prepare):
-  x0 = prepare(images)
-  t, noise, y = training.training_inputs(key, index, labels, x0.shape[1:], num_timesteps=schedule.num_timesteps,
-                                         num_classes=num_classes, label_dropout=0.0)
-  x_t = schedule_lib.q_sample(schedule, x0, t, noise)
-  out = apply_fn({"params": params}, x_t, t, y).astype(jnp.float32)
-  return jnp.mean(schedule_lib.epsilon_loss(out, noise, x0.shape[-1]))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   dc = config.diffusion
   dataset = sources.open_dataset(config.data)
@@ -241,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   except ValueError as err:
     where = (f"{dataset.image_size} px data" if vae_info is None else
              f"the {side}x{side}x{channels} latents of {dataset.image_size} px data")
-    raise ValueError(f"config.diffusion.model={dc.model!r} on {where}: {err}") from None
+    raise errors.ConfigError(f"config.diffusion.model={dc.model!r} on {where}: {err}") from None
   out_dir, final_dir = stage_dir(workdir), model_dir(workdir)
   fingerprint = {"spec": spec, "data": dataset.fingerprint(), **recipe(config)}
   if vae_info is not None:
@@ -257,9 +254,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
   num_devices = mesh.devices.size
   if dc.batch_size % num_devices:
-    raise ValueError(f"config.diffusion.batch_size={dc.batch_size} must be divisible by the {num_devices} devices")
+    raise errors.ConfigError(f"config.diffusion.batch_size={dc.batch_size} must be divisible by the {num_devices} devices")
   if vae_info is None:
-    train_data, prepare = dataset, normalize
+    train_data, prepare = dataset, grids.normalize
   else:
     vae_model, vae_variables = latents_lib.load_vae(vae_info)
     cache = latents_path(workdir)
@@ -268,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         lambda: latents_lib.encode_split(vae_model, vae_variables, dataset, "train", mesh))
     print(f"[diffusion] latent space: {len(train_latents)} train images -> {side}x{side}x{channels} latents "
           f"(std {float(train_latents.std()):.3f}) with the VAE in {vae_info['dir']} -> {cache}", flush=True)
-    train_data, prepare = latents_lib.LatentData(dataset, "train", train_latents), _identity
+    train_data, prepare = latents_lib.LatentData(dataset, "train", train_latents), grids.identity
   batches = pipeline.TrainBatches(train_data, "train", dc.batch_size, seed=config.seed, mesh=mesh)
   model = dit_lib.create_dit(spec)
   schedule = schedule_lib.DiffusionSchedule.linear()
@@ -300,17 +297,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   eval_batch = (mesh_lib.put_global_batch(train_data.read("train", eval_index), dc.batch_size, mesh),
                 mesh_lib.put_global_batch(dataset.labels("train")[eval_index].astype(np.int32), dc.batch_size, mesh),
                 mesh_lib.put_global_batch(eval_index, dc.batch_size, mesh))
-  eval_loss = jax.jit(functools.partial(_eval_loss, apply_fn=model.apply, schedule=schedule,
+  eval_loss = jax.jit(functools.partial(grids.eval_loss, apply_fn=model.apply, schedule=schedule,
                                         num_classes=dataset.num_classes, prepare=prepare),
                       in_shardings=(replicated, data, data, data, replicated), out_shardings=replicated)
 
   def sample_images(params) -> np.ndarray:
     """The sample grid (uint8) of `params`: samples_per_class rows, one column per class."""
-    samples = sample_ema(params, model, schedule, sample_key, mesh, num_classes=dataset.num_classes,
+    samples = grids.sample_ema(params, model, schedule, sample_key, mesh, num_classes=dataset.num_classes,
                          samples_per_class=dc.samples_per_class, num_steps=dc.sample_steps, cfg_scale=dc.cfg_scale)
     if vae_info is not None:
       samples = latents_lib.decode_to_images(vae_model, vae_variables, samples, mesh)
-    return sample_grid(to_uint8(samples), dc.samples_per_class, dataset.num_classes)
+    return grids.sample_grid(grids.to_uint8(samples), dc.samples_per_class, dataset.num_classes)
 
   def evaluate(train_state):
     step = int(train_state.step)
@@ -319,7 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     return {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
             "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
 
-  writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", "diffusion"))
+  writer = monitoring.create_writer(layout.tensorboard_dir(workdir, "diffusion"))
   settings = loop.LoopSettings(
       total_steps=dc.steps, steps_per_epoch=batches.steps_per_epoch, log_every_steps=dc.log_every_steps,
       eval_every_steps=dc.log_every_steps, checkpoint_every_steps=dc.checkpoint_every_steps,
@@ -344,7 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   writer.write_images(dc.steps, {"diffusion/samples": grid})
   writer.close()
   if jax.process_index() == 0:
-    artifacts.write_bytes(os.path.join(out_dir, SAMPLES_FILE), _png_bytes(grid))
+    artifacts.write_bytes(os.path.join(out_dir, SAMPLES_FILE), grids.png_bytes(grid))
     diffusion_store.save_model(
         final_dir, kind="dit", variables={"params": state.ema_params}, spec=spec,
         class_names=dataset.class_names, source={"trained_by": "prism_jax diffusion stage", "ema": True},
@@ -355,42 +352,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   print(f"[diffusion] eval loss {history[0]['loss']:.4f} (step {history[0]['step']}) -> {final['loss']:.4f} "
         f"(EMA {final['ema_loss']:.4f}) -> {final_dir}, {os.path.join(out_dir, SAMPLES_FILE)}", flush=True)
   return {"model_dir": final_dir, **final}
-
-
-def sample_ema(params, model, schedule, key: jax.Array, mesh, *, num_classes: int, samples_per_class: int,
-               num_steps: int, cfg_scale: float) -> np.ndarray:
-  """(samples_per_class * num_classes, H, W, C) DDIM samples in [-1, 1], row r = sample r of every class;
-  sample i uses the key fold_in(key, i), so the result does not depend on the device count."""
-  count = samples_per_class * num_classes
-  num_devices = mesh.devices.size
-  padded = -(-count // num_devices) * num_devices
-  index = np.arange(padded, dtype=np.int32)
-  labels = (index % num_classes).astype(np.int32)
-  replicated, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
-  rows = mesh_lib.local_batch_slice(padded, mesh)
-
-  labels = mesh_lib.put_global_batch(labels[rows], padded, mesh)
-  index = mesh_lib.put_global_batch(index[rows], padded, mesh)
-  if sampling.host_loop_by_default():  # CPU: one compiled step driven from the host (sampling.py)
-    keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), out_shardings=data)(key, index)
-    out = sampling.sample_class_conditional_host(
-        model.apply, {"params": params}, labels, keys, shape=(model.input_size, model.input_size, model.in_channels),
-        num_classes=num_classes, schedule=schedule, num_steps=num_steps, cfg_scale=cfg_scale)
-    out = jax.jit(lambda x: x, out_shardings=replicated)(out)
-  else:
-    out = _sampler(model, num_classes, num_steps, float(cfg_scale), replicated, data)(params, labels, index, key,
-                                                                                     schedule)
-  return np.asarray(out.addressable_shards[0].data)[:count]
-
-
-@functools.lru_cache(maxsize=8)
-def _sampler(model, num_classes: int, num_steps: int, cfg_scale: float, replicated, data):
-  """One jitted sampler per model and setting (the periodic TensorBoard grids reuse it)."""
-
-  def sample(p, labels, index, key, schedule):
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-    return sampling.sample_class_conditional(
-        model.apply, {"params": p}, labels, keys, shape=(model.input_size, model.input_size, model.in_channels),
-        num_classes=num_classes, schedule=schedule, num_steps=num_steps, cfg_scale=cfg_scale)
-
-  return jax.jit(sample, in_shardings=(replicated, data, data, replicated, replicated), out_shardings=replicated)

@@ -13,16 +13,27 @@ import json
 import os
 
 import jax
-import numpy as np
 
+from prism_jax import errors
 from prism_jax.data import image_sets, sources
-from prism_jax.io import artifacts, fs, teacher_store
+from prism_jax.io import artifacts, fs, layout, teacher_store
 from prism_jax.metrics import diversity, pictures, report
-from prism_jax.stages import train as train_stage
+from prism_jax.relabel import store
 
-STAGE_DIR = "evaluate"
-COLUMNS = ("method", "images", "top1_best", "top1_last", "intra_cos", "inter_cos", "recover_s",
-           "recover_img_it_s", "relabel_s", "train_s")
+COLUMNS = ("method", "images", "top1_best", "top1_last", "intra_cos", "inter_cos", "distill_s",
+           "distill_img_it_s", "relabel_s", "train_s")
+
+
+def validate(config) -> None:
+  ev = config.evaluate
+  if not ev.reference_model:
+    raise errors.ConfigError("evaluate.reference_model is empty: expected the teacher whose features measure "
+                             "diversity, e.g. 'resnet18'")
+  for field in ("grid_per_class", "grid_max_classes"):
+    if ev[field] < 1:
+      raise errors.ConfigError(f"evaluate.{field}={ev[field]!r}: expected an integer >= 1")
+  if not config.image_sets and not ev.compare_workdirs:
+    raise errors.ConfigError("image_sets is empty and evaluate.compare_workdirs is empty: nothing to evaluate")
 
 
 def _read_optional(path: str):
@@ -34,7 +45,7 @@ def _set_sources(config, workdir: str):
   out = [(name if os.sep not in name else os.path.basename(os.path.normpath(name)), workdir, name)
          for name in config.image_sets]
   for other in config.evaluate.compare_workdirs:
-    other_config = _read_optional(os.path.join(other, "config.json"))
+    other_config = _read_optional(layout.config_file(other))
     if other_config is None:
       raise artifacts.ArtifactError(f"{other}: evaluate.compare_workdirs names a directory without config.json "
                                     "(not a prism_jax work directory)")
@@ -44,33 +55,35 @@ def _set_sources(config, workdir: str):
 
 
 def _stage_seconds(workdir: str, set_name: str) -> dict:
-  set_path = image_sets.set_dir(workdir, set_name)
-  recover = _read_optional(os.path.join(workdir, "recover", "recover.json")) if set_name == image_sets.RECOVER else None
-  relabel = _read_optional(os.path.join(set_path, "relabel", "labels.json"))
-  summary = _read_optional(os.path.join(set_path, "train", train_stage.SUMMARY_FILE))
+  """Wall seconds of the last run of each stage over the set (None where this run did not make it)."""
+  marker = None if layout.is_directory_set(set_name) else _read_optional(layout.distilled_marker(workdir, set_name))
+  relabel = _read_optional(os.path.join(layout.relabel_dir(workdir, set_name), store.INDEX_FILE))
+  summary = _read_optional(layout.train_summary(workdir, set_name))
+  seconds = (marker or {}).get("wall_seconds_last_run")
   throughput = None
-  manifest = os.path.join(workdir, "recover", "manifest.jsonl")
-  if recover and fs.exists(manifest) and recover["wall_seconds_last_run"] > 0:
+  manifest = layout.manifest_file(workdir, set_name)
+  if seconds and fs.exists(manifest):
     with fs.open(manifest, "r") as f:
-      image_iterations = sum(json.loads(line)["iterations"] for line in f if line.strip())
-    throughput = image_iterations / recover["wall_seconds_last_run"]
-  return {"recover_s": recover["wall_seconds_last_run"] if recover else None, "recover_img_it_s": throughput,
+      records = [json.loads(line) for line in f if line.strip()]
+    if records and all("iterations" in r for r in records):  # iterative methods: image-iterations / s
+      throughput = sum(r["iterations"] for r in records) / seconds
+  return {"distill_s": seconds, "distill_img_it_s": throughput,
           "relabel_s": (relabel or {}).get("timing_last_run", {}).get("seconds"),
           "train_s": summary["train_seconds"] if summary else None,
           "summary": summary}
 
 
 def run(config, workdir: str, mesh) -> dict:
+  validate(config)
   ev = config.evaluate
   dataset = sources.open_dataset(config.data)
-  out_dir = os.path.join(workdir, STAGE_DIR)
-  teachers_dir = config.relabel.teachers_dir or os.path.join(workdir, "teachers")
-  ref_path = os.path.join(teachers_dir, ev.reference_model)
-  model, variables, ref_meta = teacher_store.load_teacher(ref_path, expected_class_names=dataset.class_names)
+  out_dir = layout.evaluate_dir(workdir)
+  reference = teacher_store.load_teacher_set((ev.reference_model,), layout.teachers_dir(config, workdir),
+                                             class_names=dataset.class_names, needed_by="evaluate.reference_model")
+  model, variables, ref_meta = reference.models[0], reference.variables[0], reference.metas[0]
   rows, per_set, grid_sets, pics = [], {}, {}, []
   for label, source_dir, name in _set_sources(config, workdir):
-    image_set = image_sets.load(name, workdir=source_dir, dataset=dataset, ipc=config.recover.ipc,
-                                seed=config.seed)
+    image_set = image_sets.load(name, workdir=source_dir, dataset=dataset)
     features = diversity.extract_features(model, variables, image_set.images, dataset.mean, dataset.std)
     sims = diversity.cosine_similarity_stats(features, image_set.labels, dataset.num_classes)
     timing = _stage_seconds(source_dir, name)
@@ -103,14 +116,15 @@ def run(config, workdir: str, mesh) -> dict:
              f"protocol {config.train.protocol}: student {config.train.student}, {config.train.epochs} epochs, "
              f"seeds {list(config.train.seeds)}; top-1 on the real test split in %, mean ± std over seeds",
              f"intra_cos / inter_cos: mean pairwise cosine similarity of {ev.reference_model} penultimate "
-             "features within / across classes (lower intra = more diverse)",
-             "*_s: wall seconds of the stage's last run (compilation included); recover_img_it_s: recovered "
-             "image-iterations per second over that run")
-    report_path = os.path.join(out_dir, "report.md")
+             "features within / across classes (lower intra = more diverse); – where undefined (intra_cos "
+             "needs two images of a class: at IPC 1 there are no pairs)",
+             "*_s: wall seconds of the stage's last run (compilation included); distill_s: making the set; "
+             "distill_img_it_s: image-iterations per second of iterative methods (recover) over that run")
+    report_path = os.path.join(out_dir, layout.REPORT_FILE)
     report.write_report(report_path, f"prism_jax results: {os.path.basename(os.path.normpath(workdir))}",
                         rows, columns, pics, notes)
     results["report"] = fs.relpath(report_path, workdir)  # relative: the work directory may move
-    artifacts.write_json(os.path.join(out_dir, "results.json"), results)
+    artifacts.write_json(os.path.join(out_dir, layout.RESULTS_FILE), results)
     print(report.format_table(rows, columns), flush=True)
     print(f"[evaluate] report: {report_path}", flush=True)
   return results

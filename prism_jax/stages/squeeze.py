@@ -1,12 +1,13 @@
 """Squeeze stage: supervised training of zoo models ("teachers") on the real training split.
 
-Writes `<workdir>/teachers/<name>/` (see io/teacher_store.py) with the final variables and the test
+Writes `<teachers_dir>/<name>/` (config.teachers_dir, default <workdir>/teachers; see io/teacher_store.py) with the final variables and the test
 accuracy; in-progress checkpoints live in `<workdir>/teachers/<name>/ckpt`. A finished teacher is
 not retrained (the stage is idempotent), and one made with a different recipe or data is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -14,22 +15,64 @@ import zlib
 
 import jax
 import ml_collections
-import numpy as np
 
-from prism_jax import models
+from prism_jax import errors, models
 from prism_jax.data import augment as aug
 from prism_jax.data import pipeline, sources
-from prism_jax.io import artifacts, monitoring, teacher_store
+from prism_jax.io import completion, layout, monitoring, teacher_store
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.train import loop, optim, precision, state as state_lib, steps
 
 # Fields that do not change the trained weights (allowed to differ when resuming).
-_NON_RECIPE_FIELDS = ("teachers", "eval_every_epochs", "eval_batch_size", "log_every_steps",
+# max_per_class: its effect is recorded in the data fingerprint.
+_NON_RECIPE_FIELDS = ("teachers", "max_per_class", "eval_every_epochs", "eval_batch_size", "log_every_steps",
                       "checkpoint_every_steps", "keep_checkpoints")
 
 
-def teacher_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "teachers", name)
+_POSITIVE = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "log_every_steps", "checkpoint_every_steps",
+             "keep_checkpoints")
+AUGMENTS = ("crop_flip", "rrc_flip", "none")
+
+
+def validate(config) -> None:
+  """config.squeeze (no data); the batches' divisibility by the devices is checked at run time."""
+  sq = config.squeeze
+  for field in _POSITIVE:
+    if not sq[field] > 0:  # also catches NaN
+      raise errors.ConfigError(f"squeeze.{field}={sq[field]!r}: expected a positive number")
+  if sq.stem not in ("small", "imagenet"):
+    raise errors.ConfigError(f"squeeze.stem={sq.stem!r}: expected 'small' or 'imagenet'")
+  if not sq.width > 0:
+    raise errors.ConfigError(f"squeeze.width={sq.width!r}: expected a positive multiplier")
+  if sq.get("max_per_class", 0) < 0:
+    raise errors.ConfigError(f"squeeze.max_per_class={sq.max_per_class!r}: expected 0 (all) or a positive count")
+  if not sq.teachers:
+    raise errors.ConfigError("squeeze.teachers is empty: expected at least one model name")
+  for field in ("weight_decay", "warmup_epochs", "label_smoothing", "eval_every_epochs", "momentum"):
+    if not sq[field] >= 0:
+      raise errors.ConfigError(f"squeeze.{field}={sq[field]!r}: expected >= 0")
+  if sq.augment not in AUGMENTS:
+    raise errors.ConfigError(f"squeeze.augment={sq.augment!r}: expected one of {AUGMENTS}")
+  if sq.optimizer not in ("sgd", "adamw"):
+    raise errors.ConfigError(f"squeeze.optimizer={sq.optimizer!r}: expected 'sgd' or 'adamw'")
+  from prism_jax.models import registry
+  for name in sq.teachers:
+    if name not in registry.available_models():
+      raise errors.ConfigError(f"squeeze.teachers: unknown model {name!r}; known models: {', '.join(registry.available_models())}")
+
+
+def training_data(config):
+  """config.data, with squeeze.max_per_class (teachers trained on a class-balanced subset) applied."""
+  data = config.data
+  if config.squeeze.get("max_per_class", 0):
+    data = copy.deepcopy(data)
+    with data.unlocked():
+      data.max_per_class = int(config.squeeze.max_per_class)
+  return data
+
+
+def teacher_dir(config, workdir: str, name: str) -> str:
+  return layout.teacher_dir(layout.teachers_dir(config, workdir), name)
 
 
 def recipe(config: ml_collections.ConfigDict) -> dict:
@@ -57,12 +100,12 @@ def make_augment(policy: str, image_size: int):
       image = aug.apply_rrc(image, params, (image_size, image_size))
       return aug.apply_flip(image, aug.sample_flip_params(flip_key))
     return rrc_flip
-  raise ValueError(f"squeeze.augment={policy!r}: expected 'crop_flip', 'rrc_flip' or 'none'")
+  raise errors.ConfigError(f"squeeze.augment={policy!r}: expected 'crop_flip', 'rrc_flip' or 'none'")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
   """Trains every teacher in `config.squeeze.teachers`; returns {name: test top-1}."""
-  dataset = sources.open_dataset(config.data)
+  dataset = sources.open_dataset(training_data(config))
   results = {}
   for name in config.squeeze.teachers:
     results[name] = squeeze_teacher(config, name, dataset, workdir, mesh)
@@ -71,22 +114,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
 
 def squeeze_teacher(config, name: str, dataset, workdir: str, mesh) -> float:
   sq = config.squeeze
-  out_dir = teacher_dir(workdir, name)
+  out_dir = teacher_dir(config, workdir, name)
   model_spec = dict(name=name, num_classes=dataset.num_classes, stem=sq.stem, width=sq.width,
                     image_size=dataset.image_size)
   policy = precision.resolve(config, "squeeze")
   fingerprint = {"model": model_spec, "data": dataset.fingerprint(), **recipe(config), **policy.fingerprint()}
-  if teacher_store.is_complete(out_dir):
-    meta = teacher_store.load_meta(out_dir)
-    artifacts.check_same(f"teacher '{name}'", os.path.join(out_dir, teacher_store.META_FILE),
-                         fingerprint, meta.get("fingerprint", {}))
+  meta = completion.finished(os.path.join(out_dir, teacher_store.META_FILE), fingerprint, f"teacher '{name}'",
+                             tag=f"squeeze {name}", damage_of=lambda meta: teacher_store.damaged(out_dir, meta))
+  if meta is not None:
     print(f"[squeeze {name}] already trained: test top-1 {meta['test_accuracy']:.4f} ({out_dir})", flush=True)
     return meta["test_accuracy"]
 
   num_devices = mesh.devices.size
   for field in ("batch_size", "eval_batch_size"):
     if sq[field] % num_devices:
-      raise ValueError(f"squeeze.{field}={sq[field]} must be divisible by the {num_devices} devices")
+      raise errors.ConfigError(f"squeeze.{field}={sq[field]} must be divisible by the {num_devices} devices")
   batches = pipeline.TrainBatches(dataset, "train", sq.batch_size, seed=config.seed, mesh=mesh)
   total_steps = max(1, int(round(sq.epochs * batches.steps_per_epoch)))
   schedule = optim.warmup_cosine(sq.learning_rate, total_steps,
@@ -115,7 +157,7 @@ def squeeze_teacher(config, name: str, dataset, workdir: str, mesh) -> float:
   def evaluate(train_state):
     return pipeline.evaluate_split(eval_step, train_state, dataset, "test", sq.eval_batch_size, mesh)
 
-  writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", f"squeeze_{name}"))
+  writer = monitoring.create_writer(layout.tensorboard_dir(workdir, f"squeeze_{name}"))
   settings = loop.LoopSettings(
       total_steps=total_steps, steps_per_epoch=batches.steps_per_epoch,
       log_every_steps=sq.log_every_steps,

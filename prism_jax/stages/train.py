@@ -20,22 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prism_jax import models
+from prism_jax import errors, models
 from prism_jax.data import image_sets, pipeline, sources
-from prism_jax.io import artifacts, fs, monitoring
-from prism_jax.parallel import mesh as mesh_lib, multihost
-from prism_jax.relabel import store, views
-from prism_jax.stages import relabel as relabel_stage
+from prism_jax.io import artifacts, completion, layout, monitoring, teacher_store
+from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.relabel import plan, reader, views
 from prism_jax.train import loop, optim, precision, schedules, steps, student
-
-STUDENT_FILE = "student.json"
-SUMMARY_FILE = "summary.json"
 _NON_RECIPE_FIELDS = ("seeds", "eval_every_epochs", "eval_batch_size", "log_every_steps",
                       "checkpoint_every_steps", "keep_checkpoints")
-
-
-def student_dir(workdir: str, set_name: str, seed: int) -> str:
-  return os.path.join(image_sets.set_dir(workdir, set_name), "train", f"seed_{seed}")
 
 
 def training_mesh(mesh, batch_size: int, accumulation: int):
@@ -46,48 +38,53 @@ def training_mesh(mesh, batch_size: int, accumulation: int):
   if micro % n == 0:
     return mesh
   if jax.process_count() > 1:
-    raise ValueError(f"train.batch_size={batch_size} / train.accumulation={accumulation} = {micro} rows "
+    raise errors.ConfigError(f"train.batch_size={batch_size} / train.accumulation={accumulation} = {micro} rows "
                      f"per micro-batch is not divisible by the {n} devices of a multi-process run")
   usable = max(d for d in range(1, n + 1) if micro % d == 0)
   print(f"[train] micro-batch of {micro} is not divisible by {n} devices: training on {usable}", flush=True)
   return mesh_lib.make_mesh(usable)
 
 
-def check_config(config) -> None:
+def validate(config) -> None:
+  """The train settings and the relabel plan they read (no data)."""
+  plan.check_config(config)
   tr = config.train
   if tr.accumulation < 1 or tr.batch_size % tr.accumulation:
-    raise ValueError(f"train.accumulation={tr.accumulation}: expected a divisor of train.batch_size="
+    raise errors.ConfigError(f"train.accumulation={tr.accumulation}: expected a divisor of train.batch_size="
                      f"{tr.batch_size}")
   if not 0 <= tr.ema_decay < 1:
-    raise ValueError(f"train.ema_decay={tr.ema_decay}: expected 0 (off) or a value in (0, 1)")
+    raise errors.ConfigError(f"train.ema_decay={tr.ema_decay}: expected 0 (off) or a value in (0, 1)")
   if not tr.seeds:
-    raise ValueError("train.seeds is empty: expected at least one seed")
+    raise errors.ConfigError("train.seeds is empty: expected at least one seed")
+  for field in ("learning_rate", "weight_decay", "momentum", "gamma", "temperature", "warmup_epochs"):
+    value = float(tr[field])
+    positive = field in ("learning_rate", "temperature")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+      raise errors.ConfigError(f"train.{field}={tr[field]!r}: expected a finite number {'> 0' if positive else '>= 0'}")
   if tr.stem not in ("small", "imagenet"):
-    raise ValueError(f"train.stem={tr.stem!r}: expected 'small' or 'imagenet'")
+    raise errors.ConfigError(f"train.stem={tr.stem!r}: expected 'small' or 'imagenet'")
 
 
 def recipe(config) -> dict:
   tr = {k: v for k, v in config.train.to_dict().items() if k not in _NON_RECIPE_FIELDS}
   rl = config.relabel
-  if relabel_stage.uses_hard_labels_only(config):
+  if plan.uses_hard_labels_only(config):
     mode, labels = "none", {}
   else:
     mode, labels = rl.mode, {"teachers": list(rl.teachers), "aggregation": rl.aggregation}
-  return {"train": tr, "relabel_mode": mode, "views": relabel_stage.view_settings(config), **labels}
+  return {"train": tr, "relabel_mode": mode, "views": plan.view_settings(config), **labels}
 
 
 def run(config, workdir: str, mesh) -> dict:
-  relabel_stage.check_config(config)
-  check_config(config)
+  validate(config)
   dataset = sources.open_dataset(config.data)
   results = {}
   for name in config.image_sets:
-    image_set = image_sets.load(name, workdir=workdir, dataset=dataset, ipc=config.recover.ipc, seed=config.seed)
+    image_set = image_sets.load(name, workdir=workdir, dataset=dataset)
     per_seed = [train_student(config, workdir, dataset, image_set, seed, mesh) for seed in config.train.seeds]
     results[name] = summarize(per_seed, config)
     if jax.process_index() == 0:
-      artifacts.write_json(os.path.join(image_sets.set_dir(workdir, name), "train", SUMMARY_FILE),
-                           results[name])
+      artifacts.write_json(layout.train_summary(workdir, name), results[name])
     print(f"[train {name}] top-1 best {_fmt(results[name]['best_top1'])}, last "
           f"{_fmt(results[name]['last_top1'])} over seeds {list(config.train.seeds)}", flush=True)
   return results
@@ -110,83 +107,32 @@ def summarize(per_seed: list[dict], config) -> dict:
   return out
 
 
-class _StoredLabels:
-  """Reads the relabel shards for the train stage, verifying them once per epoch."""
-
-  def __init__(self, config, workdir, dataset, image_set):
-    tr = config.train
-    self.dir = os.path.join(image_sets.set_dir(workdir, image_set.name), "relabel")
-    index = store.read_index(self.dir)
-    if index is None or not index.get("complete"):
-      raise artifacts.ArtifactError(f"{self.dir}: no finished soft labels for the '{image_set.name}' set; run "
-                                    "the relabel stage first (--config.stage=relabel)")
-    found = index["fingerprint"]
-    index_path = os.path.join(self.dir, store.INDEX_FILE)
-    for field, expected in (("image_set", image_set.fingerprint()), ("class_names", list(dataset.class_names)),
-                            ("batch_size", tr.batch_size), ("epochs", tr.epochs), ("seed", config.seed)):
-      if artifacts.to_jsonable(found.get(field)) != artifacts.to_jsonable(expected):
-        what = {"image_set": "image set", "class_names": "class order"}.get(field, field)
-        raise artifacts.ArtifactError(
-            f"{index_path}: the soft labels were made for a different {what} "
-            f"({_short(found.get(field))}) than the train stage asks for ({_short(expected)}); rerun relabel "
-            "with matching settings (delete that relabel directory first)")
-    expected_views = relabel_stage.fingerprint(config, dataset, image_set, found["teachers"])
-    artifacts.check_same("the soft labels", index_path, expected_views, found)
-    self.index = index
-    self._epoch, self._shard = -1, None
-    self.num_classes = dataset.num_classes
-
-  def epoch(self, epoch: int) -> dict:
-    if epoch != self._epoch:
-      shard = store.read_shard(self.dir, epoch, self.index)
-      classes = shard["logits"].shape[-1]
-      if classes != self.num_classes:
-        raise artifacts.ArtifactError(f"{self.dir}/{store.shard_name(epoch)}: {classes} classes in the soft "
-                                      f"labels, the student has {self.num_classes}")
-      self._epoch, self._shard = epoch, shard
-    return self._shard
-
-
-def stored_batch(shard: dict, batch: int, images: np.ndarray, labels: np.ndarray):
-  """(images uint8, ViewParams, hard labels, teacher logits) of stored batch `batch` of an epoch shard."""
-  indices = shard["indices"][batch]
-  params = views.ViewParams(*(np.asarray(shard[k][batch]) for k in views.ViewParams._fields))
-  return images[indices], params, labels[indices], shard["logits"][batch]
-
-
-def _short(value) -> str:
-  if isinstance(value, dict) and "sha256" in value:
-    return f"{value.get('name')} with {value.get('num_images')} images, sha256 {value['sha256'][:12]}..."
-  text = str(value)
-  return text if len(text) < 80 else text[:77] + "..."
-
-
 def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> dict:
   tr, rl = config.train, config.relabel
   tag = f"train {image_set.name} seed {seed}"
-  out_dir = student_dir(workdir, image_set.name, seed)
-  spec = relabel_stage.view_spec(config, dataset)
+  out_dir = layout.student_dir(workdir, image_set.name, seed)
+  spec = plan.view_spec(config, dataset)
   fp = {"image_set": image_set.fingerprint(), "data": dataset.fingerprint(), "seed": seed,
         "relabel_seed": config.seed, **recipe(config), **precision.resolve(config, "train").fingerprint()}
-  hard_only = relabel_stage.uses_hard_labels_only(config)
+  hard_only = plan.uses_hard_labels_only(config)
   online = rl.mode == "online" and not hard_only
-  labels = None if online or hard_only else _StoredLabels(config, workdir, dataset, image_set)
-  done_path = os.path.join(out_dir, STUDENT_FILE)
-  if multihost.broadcast_from_main(fs.exists(done_path)):  # process 0 decides for all
-    meta = artifacts.read_json(done_path)
-    artifacts.check_same(f"student '{image_set.name}' seed {seed}", done_path, fp, meta["fingerprint"])
+  labels = None if online or hard_only else reader.StoredLabels(config, workdir, dataset, image_set)
+  done_path = os.path.join(out_dir, layout.STUDENT_FILE)
+  meta = completion.finished(done_path, fp, f"student '{image_set.name}' seed {seed}", tag=tag)
+  if meta is not None:
     print(f"[{tag}] already trained: best top-1 {meta['best_top1']:.4f}, last {meta['last_top1']:.4f}", flush=True)
     return meta
-  batches = relabel_stage.plan_shape(image_set, tr.batch_size)
+  batches = plan.plan_shape(image_set, tr.batch_size)
   total_steps = tr.epochs * batches
   train_mesh = training_mesh(mesh, tr.batch_size, tr.accumulation)
   replicated = mesh_lib.replicated(train_mesh)
   teacher_models, teacher_vars = None, None
   if online:
-    teacher_models, teacher_vars, _ = relabel_stage.load_teacher_set(
-        tuple(rl.teachers), relabel_stage.teachers_dir(config, workdir), dataset,
-        dtype=precision.resolve(config, "relabel").compute_dtype)
-    teacher_vars = mesh_lib.replicate(teacher_vars, train_mesh)
+    teachers = teacher_store.load_teacher_set(
+        tuple(rl.teachers), layout.teachers_dir(config, workdir), class_names=dataset.class_names,
+        needed_by="relabel.teachers (online soft labels)", dtype=precision.resolve(config, "relabel").compute_dtype)
+    teacher_models = teachers.models
+    teacher_vars = mesh_lib.replicate(teachers.variables, train_mesh)
 
   lr = schedules.make_schedule(tr.schedule, tr.learning_rate, tr.epochs, batches,
                                zeta=tr.zeta if tr.zeta > 0 else None, warmup_epochs=tr.warmup_epochs)
@@ -221,11 +167,11 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
   def get_batch(step_index: int):
     epoch, b = divmod(step_index, batches)
     if labels is None:  # online soft labels or hard labels: the plan is drawn here
-      indices, params = relabel_stage.draw_batch(image_set.num_images, tr.batch_size, spec, config.seed, epoch, b)
+      indices, params = plan.draw_batch(image_set.num_images, tr.batch_size, spec, config.seed, epoch, b)
       logits = None
       images, hard = images_host[indices], hard_host[indices]
     else:
-      images, params, hard, logits = stored_batch(labels.epoch(epoch), b, images_host, hard_host)
+      images, params, hard, logits = reader.stored_batch(labels.epoch(epoch), b, images_host, hard_host)
     params = views.ViewParams(**{
         k: feed(v) if k in views.PER_IMAGE_FIELDS else mesh_lib.replicate(np.asarray(v), train_mesh)
         for k, v in params._asdict().items()})
@@ -240,7 +186,8 @@ def train_student(config, workdir: str, dataset, image_set, seed: int, mesh) -> 
     return pipeline.evaluate_split(eval_step, student.with_ema_params(train_state), dataset, "test",
                                    eval_batch, train_mesh)
 
-  writer = monitoring.create_writer(os.path.join(workdir, "tensorboard", f"train_{image_set.name}_seed{seed}"))
+  writer = monitoring.create_writer(layout.tensorboard_dir(workdir, layout.set_run_name("train", image_set.name,
+                                                                                      f"_seed{seed}")))
   settings = loop.LoopSettings(
       total_steps=total_steps, steps_per_epoch=batches, log_every_steps=min(tr.log_every_steps, total_steps),
       eval_every_steps=int(round(tr.eval_every_epochs * batches)),

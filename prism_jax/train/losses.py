@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from prism_jax import errors
+
 LOSSES = ("mse_gt", "kl", "ce")
 # Losses that read no teacher logits: no relabel stage, no teachers in the student step.
 HARD_LABEL_LOSSES = ("ce",)
@@ -57,7 +59,7 @@ def student_loss(name: str, student_logits: jax.Array, teacher_logits: jax.Array
   if name == "ce":
     return hard_ce(student_logits, labels)
   if teacher_logits is None:
-    raise ValueError(f"train.loss={name!r} needs teacher logits")
+    raise errors.ConfigError(f"train.loss={name!r} needs teacher logits")
   if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
     raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape}: "
                      "expected the same (batch, classes) shape")
@@ -65,4 +67,4 @@ def student_loss(name: str, student_logits: jax.Array, teacher_logits: jax.Array
     return mse_gt(student_logits, teacher_logits, labels, gamma)
   if name == "kl":
     return kl_soft(student_logits, teacher_logits, temperature)
-  raise ValueError(f"train.loss={name!r}: expected one of {LOSSES}")
+  raise errors.ConfigError(f"train.loss={name!r}: expected one of {LOSSES}")

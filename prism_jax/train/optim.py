@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from prism_jax import errors
+
 
 def decay_mask(params):
   """True for weights that get weight decay: conv and dense kernels, not BN scales/biases or biases."""
@@ -14,7 +16,7 @@ def decay_mask(params):
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
   """Linear warm-up from 0 to `peak_lr`, then cosine decay to 0 at `total_steps`."""
   if total_steps < 1:
-    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    raise errors.ConfigError(f"total_steps must be >= 1, got {total_steps}")
   warmup_steps = min(warmup_steps, total_steps - 1)
   if warmup_steps <= 0:
     return optax.cosine_decay_schedule(peak_lr, decay_steps=total_steps)
@@ -33,4 +35,4 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float, 
                        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
   if name == "adamw":
     return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
-  raise ValueError(f"optimizer={name!r}: expected 'sgd' or 'adamw'")
+  raise errors.ConfigError(f"optimizer={name!r}: expected 'sgd' or 'adamw'")

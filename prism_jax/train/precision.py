@@ -25,23 +25,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-STAGES = ("squeeze", "recover", "relabel", "train")
+from prism_jax import errors
+from prism_jax.schema import sections
+
+STAGES = sections.PRECISION_STAGES
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
-def precision_config() -> ml_collections.ConfigDict:
-  """`config.precision`: one policy per stage, 'auto' everywhere (see the module docstring)."""
-  c = ml_collections.ConfigDict()
-  for stage in STAGES:
-    s = ml_collections.ConfigDict()
-    s.param_dtype = "float32"      # parameters, BN statistics, optimizer state
-    s.compute_dtype = "auto"       # auto | float32 | bfloat16
-    s.matmul_precision = "auto"    # auto | default | high | highest
-    c[stage] = s
-  return c
+precision_config = sections.precision_config  # the schema of config.precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +74,7 @@ def _section(config, stage: str):
   if precision is None:  # a config built before the policy existed: the defaults
     return precision_config()[stage]
   if stage not in precision:
-    raise ValueError(f"config.precision.{stage} is missing: expected fields param_dtype, compute_dtype, "
+    raise errors.ConfigError(f"config.precision.{stage} is missing: expected fields param_dtype, compute_dtype, "
                      "matmul_precision")
   return precision[stage]
 
@@ -91,21 +84,21 @@ def validate(config) -> None:
   for stage in STAGES:
     s = _section(config, stage)
     if s.param_dtype != "float32":
-      raise ValueError(f"config.precision.{stage}.param_dtype={s.param_dtype!r}: expected 'float32' "
+      raise errors.ConfigError(f"config.precision.{stage}.param_dtype={s.param_dtype!r}: expected 'float32' "
                        "(parameters, BatchNorm statistics and optimizer state are kept in float32; "
                        "use compute_dtype='bfloat16' for faster compute)")
     if s.compute_dtype != "auto" and s.compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"config.precision.{stage}.compute_dtype={s.compute_dtype!r}: expected 'auto', "
+      raise errors.ConfigError(f"config.precision.{stage}.compute_dtype={s.compute_dtype!r}: expected 'auto', "
                        f"{', '.join(repr(d) for d in COMPUTE_DTYPES)}")
     if s.matmul_precision != "auto" and s.matmul_precision not in MATMUL_PRECISIONS:
-      raise ValueError(f"config.precision.{stage}.matmul_precision={s.matmul_precision!r}: expected 'auto', "
+      raise errors.ConfigError(f"config.precision.{stage}.matmul_precision={s.matmul_precision!r}: expected 'auto', "
                        f"{', '.join(repr(p) for p in MATMUL_PRECISIONS)}")
 
 
 def resolve(config, stage: str, backend: str | None = None) -> Policy:
   """The policy of `stage` with 'auto' resolved for `backend` (default: JAX's default backend)."""
   if stage not in STAGES:
-    raise ValueError(f"precision stage {stage!r}: expected one of {STAGES}")
+    raise errors.ConfigError(f"precision stage {stage!r}: expected one of {STAGES}")
   validate(config)
   s = _section(config, stage)
   backend = backend or jax.default_backend()

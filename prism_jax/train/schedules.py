@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prism_jax import errors
+
 SCHEDULES = ("constant", "cosine", "smoothed_cosine", "prism_cos2")
 # The stretch zeta each schedule uses when none is given: EDC scripts use 2 (`--st 2`), PRISM
 # hard-codes 2.5 in validate/train_FKD_parallel.py.
@@ -22,7 +24,7 @@ DEFAULT_ZETA = {"smoothed_cosine": 2.0, "prism_cos2": 2.5}
 
 def _check_name(name: str) -> None:
   if name not in SCHEDULES:
-    raise ValueError(f"train.schedule={name!r}: expected one of {SCHEDULES}")
+    raise errors.ConfigError(f"train.schedule={name!r}: expected one of {SCHEDULES}")
 
 
 def resolve_zeta(name: str, zeta: float | None) -> float:
@@ -31,7 +33,7 @@ def resolve_zeta(name: str, zeta: float | None) -> float:
   if zeta is None:
     return DEFAULT_ZETA.get(name, 1.0)
   if not zeta > 0:
-    raise ValueError(f"train.zeta={zeta!r}: expected a positive number (or none for the default)")
+    raise errors.ConfigError(f"train.zeta={zeta!r}: expected a positive number (or none for the default)")
   return float(zeta)
 
 
@@ -55,7 +57,7 @@ def lr_factor(name: str, epoch, total_epochs: int, zeta: float | None = None):
   _check_name(name)
   zeta = resolve_zeta(name, zeta)
   if total_epochs < 1:
-    raise ValueError(f"train.epochs={total_epochs!r}: expected at least 1 epoch")
+    raise errors.ConfigError(f"train.epochs={total_epochs!r}: expected at least 1 epoch")
   if isinstance(epoch, (jax.Array, np.ndarray)):
     e = jnp.asarray(epoch).astype(jnp.float32)
     ones = jnp.ones_like(e)
@@ -92,7 +94,7 @@ def make_schedule(name: str, base_lr: float, total_epochs: int, steps_per_epoch:
   if steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch={steps_per_epoch!r}: expected at least 1 optimizer step per epoch")
   if not warmup_epochs >= 0:
-    raise ValueError(f"train.warmup_epochs={warmup_epochs!r}: expected a number >= 0")
+    raise errors.ConfigError(f"train.warmup_epochs={warmup_epochs!r}: expected a number >= 0")
   warmup_steps = int(round(warmup_epochs * steps_per_epoch))
 
   def schedule(step):

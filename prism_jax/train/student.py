@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from prism_jax import errors
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.relabel import labeler, views
 from prism_jax.train import losses
@@ -57,7 +58,7 @@ def student_train_step(state: StudentState, images_u8: jax.Array, params: views.
   x, hard_labels, teacher_logits = (_shard_rows(a, mesh) for a in (x, hard_labels, teacher_logits))
   batch = x.shape[0]
   if batch % accumulation:
-    raise ValueError(f"train.batch_size={batch} is not divisible by train.accumulation={accumulation}")
+    raise errors.ConfigError(f"train.batch_size={batch} is not divisible by train.accumulation={accumulation}")
   micro = lambda a: a.reshape((accumulation, batch // accumulation) + a.shape[1:])
 
   def loss_fn(p, batch_stats, xm, tm, ym, key):

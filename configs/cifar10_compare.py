@@ -1,0 +1,99 @@
+"""Methods side by side on real CIFAR-10 under one protocol, in one run and one work directory:
+random real images, SRe2L, PRISM (pre-selection, bernoulli) and PRISM intra.
+
+The parameter is the budget, optionally with the IPC and the protocol: `small` (IPC 10, `prism`
+protocol), `small_hard` (hard-label protocol), `small_ipc50`, `smoke`, `large`.
+
+  python -m prism_jax.main --config configs/cifar10_compare.py:small --workdir workdirs/c10_compare \
+      --config.data.path=/path/to/cifar10
+
+On a Cloud GPU VM (see launch/README.md), the paper-scale budget:
+
+  launch/gpu_vm.sh run $FLAGS --config configs/cifar10_compare.py:large --workdir workdirs/c10_compare \
+      --sync-from gs://MY_BUCKET/data/cifar10:data/cifar10
+
+Every method's set is made by the distill stage into the same work directory (sets/<method>/distill),
+then relabeled, trained on (one student per seed) and evaluated by the same stages with the same
+settings: the sets differ, nothing else. `evaluate/report.md` holds the table (student top-1 mean ±
+std over seeds, intra-/inter-class cosine under the resnet18 teacher, seconds per stage), the image
+grid and a UMAP plot per set. A `_hard` suffix (e.g. `small_hard`) selects the hard-label protocol
+instead of `prism`. `benchmarks/quality_cifar10.py` is a thin wrapper that runs this config and
+writes a JSON summary. Recovery uses the recover defaults (RandomResizedCrop 0.08-1 + flip + a 4 px
+roll at 32 px), as the benchmark always has; configs/cifar10_prism.py uses SRe2L's CIFAR recovery
+augmentation instead.
+
+Budgets (what is shrunk is shrunk for every method alike):
+  small   about an hour on a 2-core CPU: teachers width 0.25 trained 2 epochs on a class-balanced
+          10,000-image subset (squeeze.max_per_class = 1000), recovery T = 120 - 10 (i mod 8),
+          students width 0.25 for 100 epochs, 2 seeds
+  smoke   seconds-scale wiring check (tiny widths, 8 iterations, 2 epochs)
+  large   the paper-scale recipe shrunk only where CIFAR-10 needs it (an accelerator is advisable):
+          full-width teachers 60 epochs on all 50,000 images, T = 1000 - 125 (i mod 8), students
+          300 epochs, 3 seeds. Expected cost on one H100 (estimate): teachers 2-3 h, the rest under 1 h.
+"""
+
+from __future__ import annotations
+
+from configs import common, presets
+
+TEACHERS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
+METHODS = ("random_real", "sre2l", "prism", "prism_intra")
+BUDGETS = {
+    # squeeze: teacher width, images per class, epochs; recover: T (PRISM varies it by 1/8 steps);
+    # train: student width, epochs, evaluation interval, seeds.
+    "small": dict(teacher_width=0.25, max_per_class=1000, teacher_epochs=2, iterations=120, iteration_step=10,
+                  student_width=0.25, student_epochs=100, eval_every=50, seeds=(0, 1)),
+    "smoke": dict(teacher_width=0.125, max_per_class=50, teacher_epochs=1, iterations=8, iteration_step=1,
+                  student_width=0.125, student_epochs=2, eval_every=1, seeds=(0,)),
+    "large": dict(teacher_width=1.0, max_per_class=0, teacher_epochs=60, iterations=1000, iteration_step=125,
+                  student_width=1.0, student_epochs=300, eval_every=25, seeds=(0, 1, 2)),
+}
+ARGS = ("small", "small_hard", "small_ipc50", "smoke", "large")
+
+
+def make_config(budget: dict, *, ipc: int = 10, protocol: str = "prism", methods=METHODS,
+                data_path: str = "data/cifar10", teachers=TEACHERS):
+  """The comparison at `budget` (a BUDGETS entry or a dict of the same keys)."""
+  config = common.base_config()
+  config.stage = "all"
+  config.seed = 0
+  config.data = common.data_config(source="arrays", name="cifar10", path=data_path)
+  config.progress_interval_s = 30.0
+  sq = config.squeeze
+  sq.teachers, sq.width, sq.epochs = tuple(teachers), budget["teacher_width"], float(budget["teacher_epochs"])
+  sq.max_per_class = budget["max_per_class"]
+  sq.warmup_epochs, sq.eval_every_epochs, sq.eval_batch_size = 0.5, 0.0, 500
+  sq.checkpoint_every_steps, sq.log_every_steps = 200, 50
+  # Shared recover settings; each recover method's preset goes on top (configs.common.add_method).
+  common.set_recover_method(config, "prism")
+  rc = config.recover
+  rc.bn_pool = tuple(t for t in teachers if t != rc.logit_teacher)
+  rc.k_max = min(rc.k_max, len(teachers))
+  rc.ipc, rc.classes_per_batch = ipc, 10
+  rc.iterations, rc.iteration_step = budget["iterations"], budget["iteration_step"]
+  rc.iterations_per_call, rc.checkpoint_every_iterations = 40, 0
+  rc.remat = False             # 32 px: memory is no concern
+  config.image_sets = ()
+  for method in methods:
+    if method == "random_real":
+      common.add_method(config, "random_real", "random_real")
+    elif method == "prism_intra":
+      common.add_method(config, method, method, logit_pool=rc.bn_pool)
+    else:
+      common.add_method(config, method, method)
+  common.set_protocol(config, protocol)
+  relabel_teachers = tuple(t for t in config.relabel.teachers if t in teachers) or tuple(teachers[:1])
+  if protocol != "hard_label":
+    config.relabel.teachers = relabel_teachers
+  tr = config.train
+  tr.width, tr.epochs, tr.eval_every_epochs = budget["student_width"], budget["student_epochs"], float(budget["eval_every"])
+  tr.seeds, tr.eval_batch_size, tr.log_every_steps = tuple(budget["seeds"]), 500, 50
+  return config
+
+
+def get_config(arg: str | None = None):
+  arg = presets.choose(arg, ARGS, "configs/cifar10_compare.py")
+  hard = arg.endswith("_hard")
+  arg = arg[:-len("_hard")] if hard else arg
+  budget, _, ipc = arg.partition("_ipc")
+  return make_config(BUDGETS[budget], ipc=int(ipc or 10), protocol="hard_label" if hard else "prism")

@@ -1,0 +1,1 @@
+"""The config schema (sections.py) and the named presets (presets.py): pure data, no JAX."""
