@@ -2,7 +2,8 @@
 random real images, SRe2L, PRISM (pre-selection, bernoulli) and PRISM intra.
 
 The parameter is the budget, optionally with the IPC and the protocol: `small` (IPC 10, `prism`
-protocol), `small_hard` (hard-label protocol), `small_ipc50`, `smoke`, `large`.
+protocol), `small_hard` (hard-label protocol), `small_ipc50`, `large` (BUDGETS also holds `smoke`, a
+seconds-scale wiring check used by benchmarks/quality_cifar10.py --budget smoke).
 
   python -m prism_jax.main --config configs/cifar10_compare.py:small --workdir workdirs/c10_compare \
       --config.data.path=/path/to/cifar10
@@ -48,7 +49,7 @@ BUDGETS = {
     "large": dict(teacher_width=1.0, max_per_class=0, teacher_epochs=60, iterations=1000, iteration_step=125,
                   student_width=1.0, student_epochs=300, eval_every=25, seeds=(0, 1, 2)),
 }
-ARGS = ("small", "small_hard", "small_ipc50", "smoke", "large")
+ARGS = ("small", "small_hard", "small_ipc50", "large")
 
 
 def make_config(budget: dict, *, ipc: int = 10, protocol: str = "prism", methods=METHODS,

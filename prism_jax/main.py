@@ -101,8 +101,12 @@ def _run(argv):
   """Expected errors (errors.ConfigError, errors.ArtifactError, a non-finite loss) end with one
   `prism_jax: error: ...` line; anything else is a bug and keeps its traceback."""
   from prism_jax import errors
+  from prism_jax.io import preemption
   try:
     main(argv)
+  except preemption.Preempted as e:
+    print(f"prism_jax: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
   except errors.EXPECTED as e:
     if os.environ.get("PRISM_DEBUG"):
       raise
@@ -110,5 +114,27 @@ def _run(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a refused flag or --config override ending in one error line (the
+  config file's own error, an unknown field, a value of the wrong type) instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).split("\n\nTraceback")[0].strip()
+    if "Traceback" in str(e):  # the config file raised: its last line says why
+      message = message.split(": Error whilst parsing")[0] + ": " + str(e).strip().splitlines()[-1]
+    print(f"prism_jax: error: {message}", file=sys.stderr, flush=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by a --config.<field> override
+    text = str(e).strip().strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    field, _, hint = text.partition("\n")
+    field = field.strip("'\"")
+    named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
+             field in a.split("=", 1)[0].split(".")[1:]]
+    where = named[0] if named else "a --config override"
+    print(f"prism_jax: error: {where}: no such config field {field!r}" + (f" ({hint.strip()})" if hint else ""),
+          file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(_run)
+  app.run(_run, flags_parser=_parse_flags)

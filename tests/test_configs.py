@@ -50,7 +50,8 @@ HELPER_MODULES = ("common", "presets")  # shared presets, not experiments
 # Zoo name -> tiny stand-in: one conv-BN-relu block (none for alexnet's stand-in: no BatchNorm), the
 # smallest program with the zoo's interface. Distinct names stay distinct, so teacher pools keep their size.
 TINY = {"resnet18": "cfg_tiny_r18", "mobilenet_v2": "cfg_tiny_mbv2", "efficientnet_b0": "cfg_tiny_effb0",
-        "shufflenet_v2_x0_5": "cfg_tiny_shuffle", "alexnet": "cfg_tiny_alexnet"}
+        "shufflenet_v2_x0_5": "cfg_tiny_shuffle", "alexnet": "cfg_tiny_alexnet", "resnet50": "cfg_tiny_r50",
+        "resnet101": "cfg_tiny_r101"}
 for _zoo, _name in TINY.items():
   if _name not in models.available_models():
     models.register_model(_name, lambda depth=int(_zoo != "alexnet"), **kw: ru.TinyTeacher(depth=depth, **kw))
@@ -186,15 +187,20 @@ def test_imagenet_prism_values():
   tr, rl = c.train, c.relabel
   assert (tr.loss, tr.gamma, tr.batch_size, tr.accumulation, tr.epochs, tr.schedule, tr.zeta) == (
       "mse_gt", 0.1, 50, 2, 300, "prism_cos2", 2.5)
+  # The official r50 relabel script: ResNet-50 first, weighted 0.5 (relabel/aggregate.py).
   assert (rl.teachers, rl.aggregation, rl.rrc_scale) == (
-      ("resnet18", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5"), "norm_rescaled_mean", (0.25, 1.0))
+      ("resnet50", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5"), "primary_weighted", (0.25, 1.0))
   for ipc in presets.IMAGENET_IPCS:
     for short, student in presets.STUDENTS.items():
       other = load("imagenet_prism", f"ipc{ipc}_{short}")
       assert (other.recover.ipc, other.train.student) == (ipc, student)
-      # The nine experiments differ in IPC and student only.
+      # The nine experiments differ in IPC and student only (and, as the official r50/r101 relabel
+      # scripts do, a ResNet-50/101 student's labels lead with its own architecture, weighted 0.5).
       diff = {k for k, v in _flat(other.to_dict()).items() if _flat(c.to_dict())[k] != v}
-      assert diff <= {"recover.ipc", "train.student"}
+      assert diff <= {"recover.ipc", "train.student", "relabel.teachers", "relabel.aggregation"}
+      first, aggregation = ("resnet18", "norm_rescaled_mean") if student == "resnet18" else (student, "primary_weighted")
+      assert other.relabel.teachers == (first, "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5")
+      assert other.relabel.aggregation == aggregation
 
 
 def test_table2_rows_differ_only_in_recovery():

@@ -215,6 +215,23 @@ def test_a_plugin_method_runs_end_to_end_through_the_cli(assets, tmp_path):
   rows = {r["method"]: r for r in json.load(open(os.path.join(workdir, "evaluate", "results.json")))["rows"]}
   assert set(rows) == {"mean", "random_real"} and rows["mean"]["images"] == 8
   assert 0.0 <= rows["mean"]["top1_best"]["mean"] <= 100.0
+  # A rerun of evaluate with nothing changed computes nothing.
+  again = run_cli(str(config), workdir, "--config.stage=evaluate", timeout=300)
+  assert again.returncode == 0 and "[evaluate] already done (inputs unchanged)" in again.stdout
+  assert "mean" in again.stdout.split("[evaluate]")[0]  # the table is printed again
+
+
+def test_refused_flags_and_overrides_end_in_one_line(tmp_path):
+  for flag, message in (
+      ("--config.recover.ipcc=2", """--config.recover.ipcc: no such config field 'ipcc' (Did you mean "ipc" instead of "ipcc"?)"""),
+      ("--config.recover.ipc=abc", "flag --config.recover.ipc=abc: invalid literal for int()"),
+  ):
+    result = run_cli("configs/quickstart.py", str(tmp_path / "w"), flag)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"prism_jax: error: {message}"), result.stderr[-500:]
+  result = run_cli("configs/cifar10_compare.py:nope", str(tmp_path / "w"))
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "parameter 'nope': expected one of ('small'" in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_wrong_field_of_a_later_stage_is_reported_before_anything_runs(tmp_path):

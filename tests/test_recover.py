@@ -244,3 +244,72 @@ def test_cli_recover_resumes_after_kill(assets, tmp_path):
     np.testing.assert_array_equal(got[key], want[key])
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "recover", "images.npz"))["images"],
                                 np.load(os.path.join(reference, "recover", "images.npz"))["images"])
+
+
+def test_sigterm_mid_wave_saves_the_iteration_and_a_rerun_resumes(assets, eight_device_run, tmp_path, monkeypatch,
+                                                                   capsys):
+  import signal
+  from prism_jax.io import preemption
+  workdir8, _ = eight_device_run
+  real = runner._compiled_step()
+  calls = []
+
+  def step_then_sigterm(*args, **kwargs):  # the notice arrives during the second iteration of wave 0
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(runner, "_compiled_step", lambda: step_then_sigterm)
+  workdir = str(tmp_path)
+  with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) in wave00000 at iteration 3/6"):
+    ru.run_recover(make_config(assets), workdir, mesh_lib.make_mesh(1))
+  assert os.path.exists(os.path.join(workdir, "recover", "waves", "wave00000.p0.partial.npz"))
+  monkeypatch.setattr(runner, "_compiled_step", lambda: real)
+  capsys.readouterr()
+  ru.run_recover(make_config(assets), workdir, mesh_lib.make_mesh(1))
+  assert "wave00000: resuming at iteration 3/6" in capsys.readouterr().out
+  got, want = ru.wave_images(workdir), ru.wave_images(workdir8)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_intra_recovery_keeps_a_bounded_number_of_programs_alive(assets, tmp_path, monkeypatch):
+  """Every iteration may draw a new teacher set (strategy 'intra'): the programs are bounded by the
+  number of distinct sets, never by iterations, at most runner.MAX_LIVE_PROGRAMS are alive at once,
+  and all are released when the recovery ends; the images do not depend on any of this."""
+  def config():
+    return make_config(assets, strategy="intra", distribution="bernoulli", k_max=2, bn_pool=("tiny_b",),
+                       logit_pool=("tiny_b",), ipc=1, classes_per_batch=4, iterations=6, iteration_step=0,
+                       iterations_per_call=6)
+
+  seen, live, releases = set(), [], []
+  real_bounded, real_release = runner._bounded_step, runner.release_programs
+
+  def bounded(key):
+    seen.add(key)
+    step = real_bounded(key)
+    live.append(len(runner._LIVE))
+    return step
+
+  def release():
+    releases.append(len(runner._LIVE))
+    real_release()
+
+  monkeypatch.setattr(runner, "_bounded_step", bounded)
+  monkeypatch.setattr(runner, "release_programs", release)
+  unbounded = str(tmp_path / "unbounded")
+  ru.run_recover(config(), unbounded, mesh_lib.make_mesh(1))
+  # 6 iterations, each drawing a teacher set, but only the distinct (non-empty) subsets of the 2
+  # teachers as programs.
+  assert 2 <= len(seen) <= 2 ** 2 - 1 and max(live) == len(seen) and releases == [len(seen)]
+  assert runner._LIVE == set()
+  limit = len(seen) - 1
+  monkeypatch.setattr(runner, "MAX_LIVE_PROGRAMS", limit)
+  seen.clear(); live.clear(); releases.clear()
+  bounded_dir = str(tmp_path / "bounded")
+  ru.run_recover(config(), bounded_dir, mesh_lib.make_mesh(1))
+  assert max(live) <= limit and len(releases) >= 2  # released on the way, and at the end
+  got, want = ru.wave_images(bounded_dir), ru.wave_images(unbounded)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])

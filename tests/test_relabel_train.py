@@ -148,6 +148,25 @@ def test_relabel_resume_redoes_only_the_unfinished_epoch(relabeled, assets):
   assert os.path.getmtime(os.path.join(directory, store.shard_name(0))) == kept
 
 
+def test_a_truncated_shard_is_relabeled_not_a_dead_end(relabeled, capsys):
+  import copy
+  workdir, config, index = relabeled
+  config = copy.deepcopy(config)
+  config.train.seeds = (7,)  # a student of its own
+  directory = layout.relabel_dir(workdir, "random_real")
+  shard = os.path.join(directory, store.shard_name(2))
+  want = open(shard, "rb").read()
+  with open(shard, "r+b") as f:
+    f.truncate(len(want) // 3)
+  # Train names the shard and says what to run; that command redoes exactly that shard.
+  with pytest.raises(artifacts.ArtifactError, match=r"epoch_00002.npz: .*rerun the relabel stage"):
+    train.run(config, workdir, mesh_lib.make_mesh(1))
+  capsys.readouterr()
+  again = relabel.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
+  assert "epoch_00002.npz missing or corrupt" in capsys.readouterr().out
+  assert again["complete"] and again["shards"] == index["shards"] and open(shard, "rb").read() == want
+
+
 def test_train_stage_stored_labels_two_seeds(relabeled):
   workdir, config, _ = relabeled
   config.train.seeds = (0, 1)
@@ -316,6 +335,24 @@ def test_protocol_presets():
     common.set_protocol(c, "fancy")
 
 
+def test_primary_weighted_aggregation_is_the_official_r50_recipe():
+  from prism_jax.relabel import aggregate
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  mixed = 0.5 * z[0] + (0.5 / 3) * (z[1] + z[2] + z[3])
+  rows = np.linalg.norm(mixed, axis=1, keepdims=True)
+  want = mixed / rows * rows.mean()
+  np.testing.assert_allclose(np.asarray(aggregate.aggregate_logits(z, "primary_weighted")), want, rtol=1e-5, atol=1e-6)
+  one = np.asarray(aggregate.aggregate_logits(z[:1], "primary_weighted"))  # one teacher: only the row rescale
+  norms = np.linalg.norm(z[0], axis=1, keepdims=True)
+  np.testing.assert_allclose(one, z[0] / norms * norms.mean(), rtol=1e-5, atol=1e-6)
+  c = common.base_config()
+  c.train.student = "resnet50"
+  common.set_protocol(c, "prism")
+  assert c.relabel.teachers[0] == "resnet50" and c.relabel.aggregation == "primary_weighted"
+  relabel_plan.check_config(c)  # the protocol's own settings
+
+
 def test_random_real_is_seeded_class_balanced_and_checked(assets):
   config = make_config(assets)
   dataset = sources.open_dataset(config.data)
@@ -382,6 +419,55 @@ def test_killed_student_run_resumes_to_the_same_result(relabeled, tmp_path):
   meta = artifacts.read_json(os.path.join(out, layout.STUDENT_FILE))
   assert meta["timing_last_run"]["steps_run"] == 2       # only steps 5 and 6 were run again
   assert again["best_top1"] == first["best_top1"] and again["last_top1"] == first["last_top1"]
+
+
+def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_resumed(relabeled, capsys):
+  workdir, config, _ = relabeled
+  config.train.seeds = (4,)
+  first = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
+  out = layout.student_dir(workdir, "random_real", 4)
+  os.remove(os.path.join(out, layout.STUDENT_FILE))  # as if killed after the last checkpoint
+  step_dir = os.path.join(out, "ckpt", "6")
+  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names]
+  largest = max(files, key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  data[len(data) // 2] ^= 0x10  # a flipped bit: same size, other weights
+  open(largest, "wb").write(bytes(data))
+  capsys.readouterr()
+  again = train.run(config, workdir, mesh_lib.make_mesh(1))["random_real"]
+  printed = capsys.readouterr().out
+  assert f"{step_dir}: " in printed and "fails its checksum; not resuming from it (trying the previous one)" in printed
+  assert "resuming from step 4/6" in printed
+  meta = artifacts.read_json(os.path.join(out, layout.STUDENT_FILE))
+  assert meta["timing_last_run"]["steps_run"] == 2  # steps 5 and 6 again, from the intact step 4
+  assert again["best_top1"] == first["best_top1"] and again["last_top1"] == first["last_top1"]
+
+
+def test_sigterm_saves_the_step_and_a_rerun_resumes_to_the_same_result(relabeled, monkeypatch):
+  import signal
+  from prism_jax.io import preemption
+  workdir, config, _ = relabeled
+  config.train.seeds, config.train.checkpoint_every_steps = (5,), 100  # no interval save before the end
+  calls = []
+  real = reader.stored_batch
+
+  def batch_then_sigterm(*args):  # the preemption notice arrives while step 3 (of 6) runs
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+
+  monkeypatch.setattr(reader, "stored_batch", batch_then_sigterm)
+  with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) after step 3/6: checkpoint saved"):
+    train.run(config, workdir, mesh_lib.make_mesh(1))
+  out = layout.student_dir(workdir, "random_real", 5)
+  assert sorted(n for n in os.listdir(os.path.join(out, "ckpt")) if n.isdigit()) == ["3"]
+  assert signal.getsignal(signal.SIGTERM) is not None and not preemption.requested()
+  monkeypatch.setattr(reader, "stored_batch", real)
+  train.run(config, workdir, mesh_lib.make_mesh(1))
+  resumed = artifacts.read_json(os.path.join(out, layout.STUDENT_FILE))
+  assert resumed["timing_last_run"]["steps_run"] == 3  # steps 4 to 6 (resume equality: the kill test above)
+  assert [h["step"] for h in resumed["history"]] == [2, 4, 6]  # the evaluation before the notice was kept
 
 
 def test_labels_with_another_class_count_are_refused(relabeled, tmp_path):

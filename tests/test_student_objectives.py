@@ -187,8 +187,9 @@ def test_norm_rescaled_mean_hand_examples():
                              [[2.25, 3.75], [0.0, 3.0]], rtol=1e-6)
   np.testing.assert_allclose(aggregate.aggregate_logits(stacked, "mean"), [[1.5, 5.0], [0.0, 2.0]])
   np.testing.assert_array_equal(aggregate.aggregate_logits(stacked, "single"), a)
-  # One teacher: every method returns it unchanged.
-  for method in aggregate.AGGREGATIONS:
+  # One teacher: every method returns it unchanged (primary_weighted still rescales each row to the
+  # batch's mean row norm, as the official r50 script does; tests/test_relabel_train.py checks that).
+  for method in set(aggregate.AGGREGATIONS) - {"primary_weighted"}:
     np.testing.assert_allclose(aggregate.aggregate_logits(a[None], method), a, rtol=1e-6)
 
 

@@ -70,6 +70,20 @@ def size(path: str) -> int:
   return int(_gfile().stat(path).length) if is_remote(path) else os.path.getsize(path)
 
 
+def walk_files(directory: str) -> list[str]:
+  """Paths (relative to `directory`, '/'-separated) of every file below it, sorted."""
+  out = []
+  if is_remote(directory):
+    for root, _, files in _gfile().walk(directory):
+      rel = root[len(directory):].strip("/")
+      out += [f"{rel}/{f}" if rel else f for f in files]
+  else:
+    for root, _, files in os.walk(directory):
+      rel = os.path.relpath(root, directory).replace(os.sep, "/")
+      out += [f if rel == "." else f"{rel}/{f}" for f in files]
+  return sorted(out)
+
+
 def makedirs(path: str) -> None:
   """Creates `path` and its parents; an existing directory is fine."""
   if is_remote(path):

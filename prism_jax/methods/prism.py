@@ -14,6 +14,7 @@ work directories need not be shared for this method (later stages read the expor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -22,7 +23,7 @@ import numpy as np
 
 from prism_jax import errors
 from prism_jax.data import stats as data_stats
-from prism_jax.io import monitoring, teacher_store
+from prism_jax.io import monitoring, preemption, teacher_store
 from prism_jax.methods import base
 from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.recover import export, runner
@@ -32,6 +33,15 @@ from prism_jax.train import precision
 
 METHOD_NAMES = ("recover",) + presets.RECOVER_METHODS
 SUMMARY_IMAGES = 8  # TensorBoard shows this many images (classes) of each wave's first unit
+
+
+@contextlib.contextmanager
+def _releasing_programs():
+  """The recovery's compiled programs are released when it ends (runner.MAX_LIVE_PROGRAMS)."""
+  try:
+    yield
+  finally:
+    runner.release_programs()
 
 
 class RecoverMethod(base.Method):
@@ -109,20 +119,21 @@ class RecoverMethod(base.Method):
     # Placed once for the whole job (inside run_wave, processes do not move in step: see there).
     teacher_vars = mesh_lib.replicate(teachers.variables, mesh)
     done_iters = 0
-    for wave in plan.waves:
-      local = runner.run_wave(wave, plan, rc, config.seed, dataset, teachers.models, teacher_vars, mesh,
-                              ctx.out_dir, low=tuple(map(float, low)), high=tuple(map(float, high)),
-                              progress=progress, progress_offset=done_iters, writer=writer)
-      done_iters += wave.iterations
-      # Every process's rows reach every process: each can name a failed unit, and process 0
-      # exports the whole set without reading other processes' wave files.
-      rows = multihost.gather_global_batch(local, wave.width, mesh)
-      runner.raise_if_nonfinite(wave, rows, ctx.out_dir)
-      if multihost.is_main_process():
-        records += [(u, rows["images"][j], float(rows["last_ce"][j]), float(rows["last_bn"][j]),
-                     float(rows["seconds"][j])) for j, u in enumerate(wave.units)]
-        first_unit = rows["images"][0][:SUMMARY_IMAGES]
-        writer.write_images(done_iters, {"recover/images": export.to_uint8(first_unit, mean, std)})
+    with preemption.watch(), _releasing_programs():  # SIGTERM: the running wave saves its iteration
+      for wave in plan.waves:
+        local = runner.run_wave(wave, plan, rc, config.seed, dataset, teachers.models, teacher_vars, mesh,
+                                ctx.out_dir, low=tuple(map(float, low)), high=tuple(map(float, high)),
+                                progress=progress, progress_offset=done_iters, writer=writer)
+        done_iters += wave.iterations
+        # Every process's rows reach every process: each can name a failed unit, and process 0
+        # exports the whole set without reading other processes' wave files.
+        rows = multihost.gather_global_batch(local, wave.width, mesh)
+        runner.raise_if_nonfinite(wave, rows, ctx.out_dir)
+        if multihost.is_main_process():
+          records += [(u, rows["images"][j], float(rows["last_ce"][j]), float(rows["last_bn"][j]),
+                       float(rows["seconds"][j])) for j, u in enumerate(wave.units)]
+          first_unit = rows["images"][0][:SUMMARY_IMAGES]
+          writer.write_images(done_iters, {"recover/images": export.to_uint8(first_unit, mean, std)})
 
     num_images = sum(len(u.classes) for u in plan.units)
     meta = {"num_images": num_images, "num_units": len(plan.units), "num_waves": len(plan.waves),

@@ -155,6 +155,11 @@ class Plan:
   _has_bn: dict
   _weights: dict = dataclasses.field(default_factory=dict)
 
+  @property
+  def max_iterations(self) -> int:
+    """T of the job's longest unit: the length every wave's weight arrays are padded to."""
+    return max(u.iterations for u in self.units)
+
   def unit_weights(self, unit):
     """(T, n) CE and BN teacher weights of `unit` (computed once, when first asked for)."""
     if unit not in self._weights:

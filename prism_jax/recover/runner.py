@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prism_jax.data import stats as data_stats
-from prism_jax.io import artifacts, fs
+from prism_jax.io import artifacts, fs, preemption
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.recover import engine, export, schedule
 from prism_jax.recover import plan as plan_lib
@@ -121,7 +121,10 @@ def run_wave(wave: schedule.Wave, plan: plan_lib.Plan, rc, seed: int, dataset, m
   # every process).
   wave_totals = np.asarray([u.iterations for u in wave.units] + [0] * (wave.width - len(wave.units)),
                            np.int32)
-  pad_to = lambda w: np.pad(w, ((0, t_max - w.shape[0]), (0, 0)))
+  # Weights padded to the longest unit of the whole job (they are only indexed at t < T_u): every
+  # wave then has the same shapes, so one program per teacher set serves all of them.
+  t_pad = plan.max_iterations
+  pad_to = lambda w: np.pad(w, ((0, t_pad - w.shape[0]), (0, 0)))
   wave_ce = np.stack([pad_to(plan.unit_weights(u)[0]) for u in padded])
   wave_bn = np.stack([pad_to(plan.unit_weights(u)[1]) for u in padded])
   totals, ce_w, bn_w = wave_totals[rows], wave_ce[rows], wave_bn[rows]
@@ -156,6 +159,7 @@ def run_wave(wave: schedule.Wave, plan: plan_lib.Plan, rc, seed: int, dataset, m
     if static:
       for it in range(t, stop):
         active = engine.active_teachers(wave_ce, wave_bn, wave_totals, it)
+        step = _bounded_step((active, wave.width))
         with gc_paused():
           state = step(state, *args, teacher_vars, np.int32(it), np.int32(it + 1), models=models,
                        cfg=cfg, mesh=mesh, active=active)
@@ -176,6 +180,10 @@ def run_wave(wave: schedule.Wave, plan: plan_lib.Plan, rc, seed: int, dataset, m
     every = rc.checkpoint_every_iterations
     if every and t < t_max and t // every > previous // every:
       artifacts.write_npz(partial_path, iteration=np.int64(t), **_host_state(state))
+    if preemption.requested() and t < t_max:  # SIGTERM: keep this iteration and stop
+      artifacts.write_npz(partial_path, iteration=np.int64(t), **_host_state(state))
+      raise preemption.Preempted(f"[recover] preempted (SIGTERM) in {wave.uid} at iteration {t}/{t_max}"
+                                 f"{_process_tag()}: saved in {partial_path}; rerun the same command to resume")
   host = _host_state(state)
   seconds = time.perf_counter() - start
   artifacts.write_npz(final_path, images=host["images"], last_ce=host["last_ce"], last_bn=host["last_bn"],
@@ -238,3 +246,31 @@ def gc_paused():
 def _compiled_step():
   return jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh", "active"),
                  donate_argnums=(0,))
+
+
+# Static gating compiles one program per teacher set drawn (at most 2^teachers - 1 per wave shape).
+# Each XLA:CPU executable holds its machine code in its own memory mappings, which the kernel caps
+# per process (vm.max_map_count, 65,530 by default): a process running several methods, or a pool of
+# many teachers, would otherwise keep every program of the run alive. At most MAX_LIVE_PROGRAMS are
+# kept; past that the compiled programs are released (reused ones come back from the persistent
+# compilation cache), and every method releases its programs when it finishes.
+MAX_LIVE_PROGRAMS = 48
+_LIVE: set = set()
+
+
+def _bounded_step(key):
+  if key not in _LIVE and len(_LIVE) >= MAX_LIVE_PROGRAMS:
+    release_programs()
+  _LIVE.add(key)
+  return _compiled_step()
+
+
+def release_programs() -> None:
+  """Drops every compiled recovery program of this process (their executables and mappings)."""
+  _LIVE.clear()
+  clear = getattr(_compiled_step, "cache_clear", None)
+  if clear is not None:
+    clear()
+  # JAX's own caches hold the executables too: only clearing them frees the mappings (measured: 5,350
+  # -> 600 after 35 five-teacher programs; dropping the jit object alone frees nothing).
+  jax.clear_caches()

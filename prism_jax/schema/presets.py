@@ -61,6 +61,7 @@ def set_recover_method(config: ml_collections.ConfigDict, method: str) -> ml_col
 
 
 PROTOCOLS = ("prism", "sre2l", "rd3", "hard_label")
+LARGE_STUDENTS = ("resnet50", "resnet101")  # students the prism protocol relabels with their own architecture
 CUSTOM = "custom"
 # Fields that define each protocol (everything else may be customized under the same name).
 PROTOCOL_DEFINING = ("relabel.aggregation", "relabel.rrc_scale", "relabel.patch_shuffle_grid", "relabel.cutmix",
@@ -71,7 +72,9 @@ def set_protocol(config, protocol: str):
   """One switch for the evaluation protocol (relabel + student training), SPEC 6.
 
   prism  4-teacher norm-rescaled soft labels, RRC 0.25-1 + flip + CutMix, mse_gt (gamma 0.1),
-         batch 50 (2 micro-batches), 300 epochs, prism_cos2 (zeta 2.5)
+         batch 50 (2 micro-batches), 300 epochs, prism_cos2 (zeta 2.5); for a ResNet-50/101 student
+         (set train.student first) the official r50/r101 labels: that architecture replaces resnet18
+         as the first teacher, aggregated by `primary_weighted`
   sre2l  resnet18 soft labels, RRC 0.08-1 + flip + CutMix, KL (T 20), cosine, 300 epochs
          (batch 1024 on ImageNet; set train.batch_size)
   rd3    resnet18 soft labels, PatchShuffle (2x2) + RRC 0.5-1 + flip + CutMix, KL (T 20), 400 epochs,
@@ -87,6 +90,9 @@ def set_protocol(config, protocol: str):
   if protocol == "prism":
     rl.teachers = ("resnet18", "mobilenet_v2", "alexnet", "shufflenet_v2_x0_5")
     rl.aggregation, rl.rrc_scale = "norm_rescaled_mean", (0.25, 1.0)
+    if tr.student in LARGE_STUDENTS:  # the official r50/r101 relabel scripts: the student's own
+      rl.teachers = (tr.student,) + rl.teachers[1:]  # architecture first, weighted 0.5
+      rl.aggregation = "primary_weighted"
     tr.loss, tr.gamma, tr.batch_size, tr.accumulation, tr.epochs = "mse_gt", 0.1, 50, 2, 300
     tr.schedule, tr.zeta = "prism_cos2", 2.5
   elif protocol == "sre2l":

@@ -4,7 +4,9 @@ For each image set of this work directory (and of `evaluate.compare_workdirs`) g
 top-1 (mean ± std over seeds, best and last), measures intra- and inter-class cosine similarity of
 penultimate features under one fixed reference model, collects the time each stage took, and draws
 a side-by-side image grid and a UMAP plot per set. Writes `<workdir>/evaluate/`: results.json,
-report.md, grid.png, umap_<set>.png.
+report.md, grid.png, umap_<set>.png. A rerun whose inputs are unchanged (the sets' contents, the
+students' summaries and stage times, the reference model, the evaluate and train settings), with its
+files intact, prints the table again and computes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 
 from prism_jax import errors
 from prism_jax.data import image_sets, sources
-from prism_jax.io import artifacts, fs, layout, teacher_store
+from prism_jax.io import artifacts, completion, fs, layout, teacher_store
 from prism_jax.metrics import diversity, pictures, report
 from prism_jax.relabel import store
 
@@ -81,12 +83,24 @@ def run(config, workdir: str, mesh) -> dict:
   reference = teacher_store.load_teacher_set((ev.reference_model,), layout.teachers_dir(config, workdir),
                                              class_names=dataset.class_names, needed_by="evaluate.reference_model")
   model, variables, ref_meta = reference.models[0], reference.variables[0], reference.metas[0]
+  sets = [(label, image_sets.load(name, workdir=source_dir, dataset=dataset), _stage_seconds(source_dir, name))
+          for label, source_dir, name in _set_sources(config, workdir)]
+  tr = config.train
+  fp = {"sets": [{"label": label, "set": image_set.fingerprint(), "stages": timing}
+                 for label, image_set, timing in sets],
+        "reference": ref_meta.get("variables_sha256"), "evaluate": ev.to_dict(), "data": dataset.fingerprint(),
+        "train": {"protocol": tr.protocol, "student": tr.student, "epochs": tr.epochs, "seeds": list(tr.seeds)}}
+  results_path = os.path.join(out_dir, layout.RESULTS_FILE)
+  done = _unchanged(results_path, fp)
+  if done is not None:  # the same sets, students and settings: the report stands
+    print(report.format_table(done["rows"], done["columns"]), flush=True)
+    print(f"[evaluate] already done (inputs unchanged): report {os.path.join(out_dir, layout.REPORT_FILE)}", flush=True)
+    return done
   rows, per_set, grid_sets, pics = [], {}, {}, []
-  for label, source_dir, name in _set_sources(config, workdir):
-    image_set = image_sets.load(name, workdir=source_dir, dataset=dataset)
+  for label, image_set, timing in sets:
     features = diversity.extract_features(model, variables, image_set.images, dataset.mean, dataset.std)
     sims = diversity.cosine_similarity_stats(features, image_set.labels, dataset.num_classes)
-    timing = _stage_seconds(source_dir, name)
+    timing = dict(timing)
     summary = timing.pop("summary")
     row = {"method": label, "images": image_set.num_images, "intra_cos": sims["intra_mean"],
            "inter_cos": sims["inter_mean"], **timing,
@@ -105,9 +119,9 @@ def run(config, workdir: str, mesh) -> dict:
                          title=f"{label}: {ev.reference_model} features")
       pics.append((f"UMAP of {label}", path))
   columns = COLUMNS + (("top5_best",) if any("top5_best" in r for r in rows) else ())
-  results = {"rows": rows, "sets": per_set, "reference_model": ev.reference_model,
+  results = {"rows": rows, "columns": list(columns), "sets": per_set, "reference_model": ev.reference_model,
              "reference_test_accuracy": ref_meta.get("test_accuracy"), "dataset": dataset.fingerprint(),
-             "protocol": config.train.protocol}
+             "protocol": config.train.protocol, "fingerprint": fp}
   if jax.process_index() == 0:
     grid = pictures.image_grid(grid_sets, dataset.class_names, os.path.join(out_dir, "grid.png"),
                                per_class=ev.grid_per_class, max_classes=ev.grid_max_classes)
@@ -124,10 +138,27 @@ def run(config, workdir: str, mesh) -> dict:
     report.write_report(report_path, f"prism_jax results: {os.path.basename(os.path.normpath(workdir))}",
                         rows, columns, pics, notes)
     results["report"] = fs.relpath(report_path, workdir)  # relative: the work directory may move
-    artifacts.write_json(os.path.join(out_dir, layout.RESULTS_FILE), results)
+    results["files"] = completion.record_files(out_dir, sorted(
+        n for n in fs.listdir(out_dir) if n != layout.RESULTS_FILE and not n.startswith(".")))
+    artifacts.write_json(results_path, results)
     print(report.format_table(rows, columns), flush=True)
     print(f"[evaluate] report: {report_path}", flush=True)
   return results
+
+
+def _unchanged(results_path: str, fp: dict) -> dict | None:
+  """The last results when they were made from the same inputs and their files are intact (process 0
+  decides for all)."""
+  from prism_jax.parallel import multihost
+  found = None
+  if multihost.is_main_process() and fs.exists(results_path):
+    found = artifacts.read_json(results_path)
+    same = (not artifacts.diff_fields(fp, found.get("fingerprint", {})) and "columns" in found and
+            completion.damaged_file(os.path.dirname(results_path), found.get("files", {})) is None)
+    found = found if same else None
+  if not multihost.broadcast_from_main(found is not None):
+    return None
+  return found or artifacts.read_json(results_path)
 
 
 def _pct(stat: dict) -> dict:

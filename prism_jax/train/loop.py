@@ -15,10 +15,8 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
-from absl import logging
 
-from prism_jax.io import artifacts, checkpoint, fs, monitoring
+from prism_jax.io import artifacts, checkpoint, fs, monitoring, preemption
 
 RUN_FILE = "run.json"
 
@@ -66,51 +64,60 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   # Steady-state time = wall time after the first (compiling) step minus evaluation and checkpoint
   # time; dispatch is asynchronous, so only wall-clock spans that end in a sync are meaningful.
   steady_start, excluded = None, 0.0
-  for step in range(start_step, settings.total_steps):
-    step_start = time.perf_counter()
-    batch = get_batch(step)
-    state, metrics = step_fn(state, *batch, jax.random.fold_in(base_key, step))
-    if step == start_step:  # includes compilation: reported apart from the steady-state rate
-      jax.block_until_ready(metrics)
-      steady_start = time.perf_counter()
-      timing["first_step_seconds"] = steady_start - step_start
-    timing["steps_run"] += 1
-    sums = metrics if not sums else jax.tree_util.tree_map(lambda a, b: a + b, sums, metrics)
-    count += 1
-    done = step + 1
-    if done % settings.log_every_steps == 0 or done == settings.total_steps:
-      means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-      if not all(math.isfinite(v) for v in means.values()):
-        raise FloatingPointError(f"[{name}] non-finite training metrics {means} at step {done}; "
-                                 "the last checkpoint is kept (lower the learning rate?)")
-      elapsed = time.perf_counter() - window_start
-      means["images_per_sec"] = count * settings.items_per_step / max(elapsed, 1e-9)
-      means["epoch"] = done / settings.steps_per_epoch
-      if learning_rate_fn is not None:
-        means["learning_rate"] = float(learning_rate_fn(step))
-      writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
-      progress.update(done, {"loss": means["loss"]}, force=done == settings.total_steps)
-      sums, count, window_start = {}, 0, time.perf_counter()
-    else:
-      progress.update(done)
+  with preemption.watch():  # SIGTERM -> save at the next step boundary (io/preemption.py)
+    for step in range(start_step, settings.total_steps):
+      step_start = time.perf_counter()
+      batch = get_batch(step)
+      state, metrics = step_fn(state, *batch, jax.random.fold_in(base_key, step))
+      if step == start_step:  # includes compilation: reported apart from the steady-state rate
+        jax.block_until_ready(metrics)
+        steady_start = time.perf_counter()
+        timing["first_step_seconds"] = steady_start - step_start
+      timing["steps_run"] += 1
+      sums = metrics if not sums else jax.tree_util.tree_map(lambda a, b: a + b, sums, metrics)
+      count += 1
+      done = step + 1
+      if done % settings.log_every_steps == 0 or done == settings.total_steps:
+        means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+        if not all(math.isfinite(v) for v in means.values()):
+          raise FloatingPointError(f"[{name}] non-finite training metrics {means} at step {done}; "
+                                   "the last checkpoint is kept (lower the learning rate?)")
+        elapsed = time.perf_counter() - window_start
+        means["images_per_sec"] = count * settings.items_per_step / max(elapsed, 1e-9)
+        means["epoch"] = done / settings.steps_per_epoch
+        if learning_rate_fn is not None:
+          means["learning_rate"] = float(learning_rate_fn(step))
+        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+        progress.update(done, {"loss": means["loss"]}, force=done == settings.total_steps)
+        sums, count, window_start = {}, 0, time.perf_counter()
+      else:
+        progress.update(done)
 
-    is_eval = settings.eval_every_steps and done % settings.eval_every_steps == 0
-    if is_eval or done == settings.total_steps:
-      jax.block_until_ready(state)
-      eval_start = time.perf_counter()
-      result = {k: float(v) for k, v in evaluate(state).items()}
-      result.update(step=done, epoch=done / settings.steps_per_epoch)
-      history.append(result)
-      writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items() if k not in ("step", "epoch")})
-      if jax.process_index() == 0:
-        print(f"[{name}] eval at step {done} (epoch {result['epoch']:.2f}): " +
-              ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")), flush=True)
-      excluded += time.perf_counter() - eval_start
-    save_start = time.perf_counter()
-    if checkpoint.save(manager, done, state, {"history": history}, force=done == settings.total_steps):
-      saved = time.perf_counter() - save_start
-      excluded += saved
-      window_start += saved  # keep checkpoint time out of the img/s figure
+      is_eval = settings.eval_every_steps and done % settings.eval_every_steps == 0
+      if is_eval or done == settings.total_steps:
+        jax.block_until_ready(state)
+        eval_start = time.perf_counter()
+        result = {k: float(v) for k, v in evaluate(state).items()}
+        result.update(step=done, epoch=done / settings.steps_per_epoch)
+        history.append(result)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items() if k not in ("step", "epoch")})
+        if jax.process_index() == 0:
+          print(f"[{name}] eval at step {done} (epoch {result['epoch']:.2f}): " +
+                ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")), flush=True)
+        excluded += time.perf_counter() - eval_start
+      save_start = time.perf_counter()
+      if checkpoint.save(manager, done, state, {"history": history}, force=done == settings.total_steps):
+        saved = time.perf_counter() - save_start
+        excluded += saved
+        window_start += saved  # keep checkpoint time out of the img/s figure
+      if preemption.requested() and jax.process_count() == 1:  # SIGTERM: save this step and stop
+        if done not in manager.all_steps():
+          checkpoint.save(manager, done, state, {"history": history}, force=True)
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        raise preemption.Preempted(f"[{name}] preempted (SIGTERM) after step {done}/{settings.total_steps}: "
+                                   f"checkpoint saved in {checkpoint_dir}; rerun the same command to resume")
   jax.block_until_ready(state)
   if steady_start is not None:
     timing["train_seconds"] = max(time.perf_counter() - steady_start - excluded, 0.0)
