@@ -79,3 +79,17 @@ def pytest_collection_modifyitems(session, config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   order = {id(item): n for n, item in enumerate(items)}
   items.sort(key=lambda item: (rank.get(os.path.basename(str(item.fspath)), len(rank)), order[id(item)]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_xla():
+  """For a module whose in-process runs are compared only with each other: most XLA optimizations
+  off, as the CLI test runs have them (compilation dominates these toy programs)."""
+  import jax
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
