@@ -60,10 +60,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, forc
   if saved:
     manager.wait_until_finished()
     if jax.process_index() == 0:  # the saves are synchronous: the step's files are final now
+      from prism_jax.io import completion
       directory = _step_dir(manager, step)
-      record = {name: {"size": fs.size(os.path.join(directory, name)),
-                       "sha256": artifacts.sha256_file(os.path.join(directory, name))}
-                for name in fs.walk_files(directory)}
+      record = completion.record_files(directory, fs.walk_files(directory))
       artifacts.write_json(_record_path(manager, step), {"step": step, "files": record})
       kept = {str(s) for s in manager.all_steps()}
       for name in fs.listdir(os.path.dirname(_record_path(manager, step))):
