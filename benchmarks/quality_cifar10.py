@@ -1,4 +1,5 @@
-"""Quality benchmark on real CIFAR-10: random_real vs SRe2L vs PRISM (pre, bernoulli) vs PRISM intra.
+"""Quality benchmark on real CIFAR-10: every method of configs/cifar10_compare.py (random real images, SRe2L,
+PRISM, PRISM intra, RDED, DPS, DiT samples, DAP) under one protocol.
 
   python benchmarks/quality_cifar10.py --data /path/to/cifar10 --budget small \
       --out bench_out/quality_cifar10.json

@@ -47,6 +47,7 @@ def pytest_unconfigure(config):
 # workers in collection order, so collecting the long ones first packs the two workers evenly
 # (longest-processing-time-first); the rest follow in their usual order.
 LONGEST_FIRST = (
+    "test_selection_generation.py",
     "test_relabel_train.py",
     "test_diffusion_stage.py",
     "test_models.py",

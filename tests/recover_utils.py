@@ -112,3 +112,18 @@ def distill(config, workdir: str, mesh=None) -> dict:
   from prism_jax.parallel import mesh as mesh_lib
   from prism_jax.stages import distill as distill_stage
   return distill_stage.run(config, workdir, mesh or mesh_lib.make_mesh(1))
+
+
+def write_random_dit(workdir: str, class_names=CLASS_NAMES, size: int = IMAGE_SIZE, seed: int = 0) -> None:
+  """A DiT-T/2 with every parameter random (adaLN-Zero's zeros too, so labels and blocks matter),
+  stored where the work directory's diffusion stage would put a trained one."""
+  from prism_jax.diffusion import dit as dit_lib
+  from prism_jax.io import diffusion_store, layout
+  spec = dit_lib.dit_spec("T/2", input_size=size, in_channels=3, num_classes=len(class_names))
+  variables = dit_lib.init_dit(dit_lib.create_dit(spec), jax.random.PRNGKey(seed))
+  leaves, tree = jax.tree_util.tree_flatten(variables)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [np.asarray(v) + 0.05 * np.asarray(jax.random.normal(k, v.shape)) for v, k in zip(leaves, keys)]
+  diffusion_store.save_model(layout.diffusion_model_dir(workdir), kind="dit",
+                             variables=jax.tree_util.tree_unflatten(tree, leaves), spec=spec,
+                             class_names=tuple(class_names), extra={"space": "pixel"})

@@ -37,7 +37,7 @@ import recover_utils as ru
 from configs import common, presets
 from prism_jax import config_checks, models, stages
 from prism_jax.data import stats
-from prism_jax.io import artifacts, teacher_store
+from prism_jax.io import artifacts, layout, teacher_store
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.recover import plan as recover_plan
 from prism_jax.relabel import plan as relabel_plan
@@ -57,6 +57,7 @@ for _zoo, _name in TINY.items():
     models.register_model(_name, lambda depth=int(_zoo != "alexnet"), **kw: ru.TinyTeacher(depth=depth, **kw))
 TINY_STUDENT = TINY["resnet18"]
 NUM_CLASSES, PER_CLASS, IPC = 4, 4, 2
+DIFFUSION_METHODS = ("dps", "dit", "dap")
 # The only fields the shrink may change (sizes, names of models, where data and teachers are).
 SHRUNK_FIELDS = {
     "data.*", "progress_interval_s",
@@ -69,7 +70,8 @@ SHRUNK_FIELDS = {
     "train.student", "train.epochs", "train.batch_size", "train.eval_every_epochs", "train.eval_batch_size",
     "train.log_every_steps", "train.checkpoint_every_steps",
     "evaluate.reference_model", "evaluate.umap",
-    "methods.*",  # the teacher names in a multi-method config's per-set settings
+    "methods.*",  # the teacher names and candidate / step counts in a multi-method config's per-set settings
+    "diffusion.*",  # a random tiny pixel-space DiT in place of a trained or imported one
 }
 
 
@@ -123,7 +125,8 @@ def test_every_config_file_is_a_documented_experiment():
     assert any(f"configs/{name}.py:{a} " in doc for a in args), name
     assert "launch/gpu_vm.sh run" in doc and "estimate" in doc and "H100" in doc, name
     if load(name, args[0]).stage != "all":  # ImageNet: recover and the stages after it, one command
-      assert load(name, args[0]).stage == presets.IMAGENET_STAGE == "recover+", name
+      # (the diffusion configs start one stage earlier, to check the imported DiT)
+      assert load(name, args[0]).stage in (presets.IMAGENET_STAGE, "diffusion+") and presets.IMAGENET_STAGE == "recover+", name
     with pytest.raises(ValueError, match=f"configs/{name}.py: parameter 'nope': expected one of"):
       module.get_config("nope")
 
@@ -319,6 +322,18 @@ def shrink(config, assets):
   tr = c.train
   tr.student, tr.epochs, tr.batch_size = TINY_STUDENT, 1, 4
   tr.eval_every_epochs, tr.eval_batch_size, tr.log_every_steps, tr.checkpoint_every_steps = 1.0, 8, 1, 100
+  dc = c.diffusion
+  if dc.model or dc.import_dir:  # a random tiny pixel-space DiT stands in (Runner writes it)
+    dc.model, dc.import_dir, dc.vae_dir, dc.space, dc.class_map = "T/2", "", "", "pixel", ()
+  for instance in c.methods.values():  # the selection / generation methods' sizes
+    sizes = {"rded": {"mipc": PER_CLASS},
+             # factor 1: at IPC 2 DPS would stitch 4 crops of 8 candidates per class (the tiny data has 4)
+             "dps": {"mipc": PER_CLASS, "n_draws": 1, "feature_block": 2, "factor": 1},
+             "dit": {"num_steps": 2}, "dap": {"num_steps": 2, "feature_block": 2, "real_per_class": PER_CLASS}}
+    for field, value in sizes.get(instance.method, {}).items():
+      instance.settings[field] = value
+    if "observer" in instance.settings:
+      instance.settings.observer = _tiny(instance.settings.observer)
   c.evaluate.reference_model = _tiny(c.evaluate.reference_model)
   c.evaluate.umap = False      # umap-learn's start-up outlasts this file; test_quickstart covers UMAP
   c.progress_interval_s = 0.0
@@ -344,15 +359,17 @@ def recover_signature(c) -> dict:
           "crop": tuple(rc.rrc_scale) != (1.0, 1.0), "flip": rc.flip, "roll": rc.jitter != 0,
           "priors": (rc.tv_weight > 0, rc.l2_weight > 0),
           "execution": (rc.sequential_teachers, rc.remat, rc.export_jpeg, rc.ipc_start > 0),
-          "methods": tuple(sorted((name, m.method) for name, m in c.methods.items()))}
+          # each method of a multi-method config is a code path of its own (not their combination)
+          **{f"method_{m.method}": True for m in c.methods.values()}}
 
 
 def downstream_signature(c) -> dict:
   rl, tr, ev = c.relabel, c.train, c.evaluate
-  return {"image_sets": tuple(c.image_sets), "mode": rl.mode, "aggregation": rl.aggregation,
+  return {"image_sets": (len(c.image_sets) > 1, any(layout.is_directory_set(n) for n in c.image_sets)),
+          "ranking": bool(ev.random_sets) and any(n in c.image_sets for n in ev.random_sets), "mode": rl.mode, "aggregation": rl.aggregation,
           "ensemble": len(rl.teachers) > 1, "views": (rl.flip, rl.cutmix, rl.patch_shuffle_grid > 0),
           "loss": tr.loss, "schedule": tr.schedule, "optimizer": tr.optimizer,
-          "accumulation": tr.accumulation > 1, "ema": tr.ema_decay > 0, "seeds": len(tr.seeds),
+          "accumulation": tr.accumulation > 1, "ema": tr.ema_decay > 0, "seeds": len(tr.seeds) > 1,
           "warmup": tr.warmup_epochs > 0, "report": (ev.umap, bool(ev.compare_workdirs))}
 
 
@@ -411,6 +428,8 @@ class Runner:
             baseline.image_sets = ("random_real",)
             stages.run_stage("distill", baseline, workdir, self.mesh)
           continue
+        if block == "recover" and any(m.method in DIFFUSION_METHODS for m in config.methods.values()):
+          ru.write_random_dit(workdir, ru.CLASS_NAMES[:NUM_CLASSES])  # what the diffusion stage would make
         results = {s: stages.run_stage(s, config, workdir, self.mesh) for s in block_stages}
         self.runs.append((block, features, workdir, results, config))
         for k, v in features.items():
@@ -515,7 +534,7 @@ def test_config_runs_shrunken(runner, name, arg):
   assert list(covering) == [block for block, _, _ in blocks_of(config)]
   for block, _, features in blocks_of(config):
     for k, v in features.items():  # every code path of this config ran in one of the covering runs
-      assert any(run_features[k] == v for _, run_features, _, _, _ in covering[block]), (block, k, v)
+      assert any(run_features.get(k) == v for _, run_features, _, _, _ in covering[block]), (block, k, v)
   for block, _, workdir, results, ran in covering.get("squeeze", []):
     assert set(results["squeeze"]) == set(ran.squeeze.teachers)
     assert teacher_store.is_complete(os.path.join(workdir, "teachers", ran.squeeze.teachers[0]))

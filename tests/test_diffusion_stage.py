@@ -146,7 +146,10 @@ def test_resume_after_kill_matches_uninterrupted_run(trained, data_dir, tmp_path
   ckpt_dir = os.path.join(workdir, "diffusion", "ckpt")
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    # A step counts once its checksum record is written (io/checkpoint.py): a kill before that
+    # leaves a step a restore refuses, and the rerun would start over.
+    records = os.path.join(ckpt_dir, "checksums")
+    steps = [d for d in os.listdir(records) if d.endswith(".json")] if os.path.isdir(records) else []
     if steps:
       break
     time.sleep(0.02)

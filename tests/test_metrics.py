@@ -208,3 +208,22 @@ def test_write_report_exact(tmp_path):
     assert f.read() == expected
   with pytest.raises(ValueError, match=r"pictures\[0\]"):
     report.write_report(path, "x", ROWS, COLUMNS, ["grid.png"])
+
+
+def test_dd_ranking_metrics_follow_their_formulas():
+  import math
+  from prism_jax.metrics import ranking
+  # LRS = (e^a - e^-1) / (e - e^-1) * 100 with a = w IOR - (1 - w) HLR, fractions.
+  assert ranking.lrs(0.0, 0.0) == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)) * 100)
+  assert ranking.lrs(0.1, 0.3, 0.5) == pytest.approx((math.exp(-0.1) - math.exp(-1)) / (math.e - math.exp(-1)) * 100)
+  assert ranking.lrs(1.0, 0.0, 1.0) == pytest.approx(100.0) and ranking.lrs(0.0, 1.0, 0.0) == pytest.approx(0.0)
+  top1 = {"random_real": 40.0, "random_real_s1": 44.0, "prism": 50.0, "dit": None}
+  out = ranking.columns(top1, random_sets=("random_real", "random_real_s1"), hard_top1={"prism": 30.0},
+                        full_top1=90.0, weight=0.5)
+  assert out["prism"]["ior"] == {"mean": pytest.approx(8.0), "std": pytest.approx(2.0)}  # random 42 +- 2
+  assert out["prism"]["hlr"] == pytest.approx(60.0)
+  assert out["prism"]["lrs"] == pytest.approx(ranking.lrs(0.08, 0.60))
+  assert out["random_real"]["ior"]["mean"] == pytest.approx(-2.0) and out["random_real"]["hlr"] is None
+  assert out["dit"] == {"ior": None, "hlr": None, "lrs": None}
+  with pytest.raises(ValueError, match="weight"):
+    ranking.lrs(0.0, 0.0, 1.5)

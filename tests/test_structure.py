@@ -77,6 +77,9 @@ def test_layout_paths():
   assert layout.is_directory_set("/runs/b/recover") and not layout.is_directory_set("random_real")
   assert layout.distilled_dir(w, "/runs/b/recover") == "/runs/b/recover"
   assert layout.relabel_dir(w, "/runs/b/recover") == "/runs/a/sets/recover/relabel"
+  # Another run's method set (sets/<set>/distill) is labeled by its set's name, not 'distill'.
+  assert layout.set_label("/runs/b/sets/dps/distill") == "dps" and layout.set_label("/runs/b/recover/") == "recover"
+  assert layout.relabel_dir(w, "/runs/b/sets/dps/distill") == "/runs/a/sets/dps/relabel"
   assert layout.student_dir(w, "prism", 3) == "/runs/a/sets/prism/train/seed_3"
   assert layout.train_summary(w, "prism") == "/runs/a/sets/prism/train/summary.json"
   assert layout.tensorboard_dir(w, layout.set_run_name("train", "/runs/b/recover", "_seed0")) == (

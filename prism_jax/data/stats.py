@@ -51,6 +51,7 @@ DATASET_PRESETS: dict[str, str] = {
     "imagenet_v2": "imagenet",
     "imagenette": "imagenet",
     "imagewang": "imagenet",
+    "imagewoof": "imagenet",
     "imagenet": "imagenet",
     "imagenet1k": "imagenet",
     "tiny_imagenet": "tiny_imagenet",

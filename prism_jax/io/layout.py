@@ -42,8 +42,17 @@ def is_directory_set(name: str) -> bool:
   return os.sep in name or name.startswith((".", "~")) or "://" in name
 
 
+def set_label(name: str) -> str:
+  """A set's name in this work directory: its own name, or for a directory set the directory's name
+  (for another run's `sets/<set>/distill`, that set's name)."""
+  if not is_directory_set(name):
+    return name
+  parts = os.path.normpath(name).split(os.sep)
+  return parts[-2] if parts[-1] == "distill" and len(parts) > 1 and parts[-2] else parts[-1]
+
+
 def _safe(name: str) -> str:
-  return os.path.basename(os.path.normpath(name)) if is_directory_set(name) else name
+  return set_label(name)
 
 
 def config_file(workdir: str) -> str:
@@ -61,6 +70,16 @@ def teacher_dir(teachers_root: str, name: str) -> str:
 
 def diffusion_dir(workdir: str) -> str:
   return os.path.join(workdir, "diffusion")
+
+
+def diffusion_model_dir(workdir: str) -> str:
+  """The DiT the diffusion stage trained (a diffusion_store directory)."""
+  return os.path.join(diffusion_dir(workdir), "model")
+
+
+def diffusion_import_record(workdir: str) -> str:
+  """The diffusion stage's record of a checked imported DiT (its directory and class map)."""
+  return os.path.join(diffusion_dir(workdir), "imported.json")
 
 
 def set_dir(workdir: str, name: str) -> str:

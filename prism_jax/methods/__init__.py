@@ -4,6 +4,10 @@
   prism, prism_uniform, prism_intra, sre2l, single_pre, decoupled_pre, decoupled_intra,
   multi_k2..4      the same engine with a named preset (schema/presets.py) on top of `config.recover`
   random_real      IPC real training images per class, drawn with a seed (the baseline)
+  rded             RDED: observer-scored real crops, stitched (selection)
+  dps              DPS: diffusion-scored real crops, clustered (selection; needs a DiT)
+  dit              class-conditional DiT samples, DDIM + CFG (generation; needs a DiT)
+  dap              DAP: DiT samples guided by the representativeness prior (generation; needs a DiT)
 
 Which sets a run makes: each name in `config.image_sets` that is
   - a key of `config.methods` -> that instance's `method`, with its `settings` overrides;
@@ -22,10 +26,15 @@ from prism_jax.io import layout
 from prism_jax.methods import base
 from prism_jax.methods.base import Context, Method, SetRequest, get, names, register  # noqa: F401 (the API)
 from prism_jax.methods import prism as _prism, random_real as _random_real  # noqa: E402  (registry lines)
+from prism_jax.methods import dps as _dps, generate as _generate, rded as _rded  # noqa: E402
 
 for _name in _prism.METHOD_NAMES:
   register(_prism.RecoverMethod(_name))
 register(_random_real.RandomRealMethod())
+register(_rded.RdedMethod())
+register(_dps.DpsMethod())
+register(_generate.DitMethod())
+register(_generate.DapMethod())
 
 _LOADED_PLUGINS: set[str] = set()
 

@@ -204,6 +204,11 @@ def evaluate_config() -> ml_collections.ConfigDict:
   c.grid_max_classes = 10
   c.umap = True                # UMAP plot per image set (umap-learn)
   c.compare_workdirs = ()      # other work directories whose image sets join the report
+  # DD-Ranking's label-robust metrics (IOR, HLR, LRS; metrics/ranking.py):
+  c.random_sets = ("random_real",)  # the random-real sets (one per seed) IOR is measured against
+  c.hard_label_workdir = ""    # a work directory that trained the same sets under the hard_label protocol (HLR)
+  c.full_data_top1 = -1.0      # top-1 (%) of a student trained on the whole training set with hard labels; -1 = unknown
+  c.lrs_weight = 0.5           # w of LRS = f(w IOR - (1 - w) HLR)
   return c
 
 

@@ -40,6 +40,7 @@ from prism_jax import errors
 from prism_jax.data import pipeline, sources
 from prism_jax.diffusion import dit as dit_lib
 from prism_jax.diffusion import grids
+from prism_jax.diffusion import prior
 from prism_jax.diffusion import latents as latents_lib
 from prism_jax.diffusion import training
 from prism_jax.diffusion import schedule as schedule_lib
@@ -47,7 +48,7 @@ from prism_jax.io import artifacts, diffusion_store, fs, layout, monitoring
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.train import loop
 
-IMPORT_FILE = "imported.json"
+IMPORT_FILE = os.path.basename(layout.diffusion_import_record(""))
 SAMPLES_FILE = "samples.png"
 # Fields that do not change the trained weights (allowed to differ when resuming or rerunning). The
 # VAE's path is one: what matters is its checksum, which the latent-space fingerprint holds.
@@ -96,7 +97,7 @@ def stage_dir(workdir: str) -> str:
 
 
 def model_dir(workdir: str) -> str:
-  return os.path.join(stage_dir(workdir), "model")
+  return layout.diffusion_model_dir(workdir)
 
 
 def latents_path(workdir: str) -> str:
@@ -109,29 +110,8 @@ def recipe(config: ml_collections.ConfigDict) -> dict:
   return {"diffusion": {k: v for k, v in dc.items() if k not in _NON_RECIPE_FIELDS}, "seed": config.seed}
 
 
-def resolve_model(workdir: str) -> tuple[str, tuple[int, ...] | None]:
-  """(DiT directory, class map or None) that this work directory's diffusion stage provides."""
-  marker = os.path.join(stage_dir(workdir), IMPORT_FILE)
-  if fs.exists(marker):
-    info = artifacts.read_json(marker)
-    return info["import_dir"], (tuple(info["class_map"]) if info.get("class_map") else None)
-  if diffusion_store.is_complete(model_dir(workdir)):
-    return model_dir(workdir), None
-  raise artifacts.ArtifactError(f"{stage_dir(workdir)}: no DiT here; run the diffusion stage first "
-                                "(config.diffusion.model to train one, config.diffusion.import_dir to use an "
-                                "imported one)")
-
-
-def resolve_vae(workdir: str) -> dict | None:
-  """{'dir', 'variables_sha256', ...} of the VAE whose latent space this work directory's DiT works in, or
-  None for a pixel-space DiT (read from imported.json or the trained model's model.json)."""
-  marker = os.path.join(stage_dir(workdir), IMPORT_FILE)
-  if fs.exists(marker):
-    info = artifacts.read_json(marker)
-  else:
-    resolve_model(workdir)
-    info = diffusion_store.load_meta(model_dir(workdir), kind="dit")
-  return info.get("vae") if info.get("space") == "latent" else None
+resolve_model = prior.resolve_model  # (DiT directory, class map or None) of a work directory
+resolve_vae = prior.resolve_vae      # the VAE record of a latent-space DiT, or None
 
 
 def _input_shape(config: ml_collections.ConfigDict, dataset) -> tuple[int, int, dict | None]:
