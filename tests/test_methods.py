@@ -339,7 +339,16 @@ def test_the_compare_config_is_one_multi_method_run():
   config_checks.validate(c)
   assert c.image_sets == cifar10_compare.METHODS and c.stage == "all"
   requests = {r.name: r for r in methods.requests(c)}
-  assert {n: r.method for n, r in requests.items()} == {m: m for m in cifar10_compare.METHODS}
+  assert {n: r.method for n, r in requests.items()} == {
+      m: "random_real" if m.startswith("random_real") else m for m in cifar10_compare.METHODS}
+  assert [requests[m].settings.seed for m in cifar10_compare.RANDOM_SETS] == [-1, 1, 2]  # three draws
+  assert c.evaluate.random_sets == cifar10_compare.RANDOM_SETS and c.diffusion.model == "T/2"
+  # The hard-label table on another run's sets, and the full-data reference of HLR.
+  hard = cifar10_compare.get_config("small_hard@runs/c10")
+  assert hard.stage == "relabel+" and hard.train.protocol == "hard_label" and not dict(hard.methods)
+  assert hard.image_sets[0] == "runs/c10/sets/random_real/distill" and hard.teachers_dir == "runs/c10/teachers"
+  full = cifar10_compare.get_config("small_full")
+  assert full.image_sets == ("full_real",) and full.methods.full_real.settings.ipc == 5000
   # One protocol for all: the only per-set settings are the methods' own.
   assert requests["sre2l"].settings.init == "noise" and requests["prism"].settings.init == "real"
   assert requests["prism_intra"].settings.strategy == "intra" and c.train.protocol == "prism"

@@ -253,15 +253,15 @@ def test_one_and_eight_devices_make_the_same_sets(run8, assets, tmp_path):
   workdir8, _ = run8
   workdir1 = make_workdir(tmp_path / "one")
   # One device running 8 units per batch: the same batches as 8 devices running one each.
-  one = {"dit": {"per_device_batch": 8}, "dap": {"per_device_batch": 8}}
-  distill.run(make_config(assets, **one), workdir1, mesh_lib.make_mesh(1))
+  distill.run(make_config(assets, names=("rded", "dps", "dap"), dap={"per_device_batch": 8}), workdir1,
+              mesh_lib.make_mesh(1))
   for name in ("rded", "dps"):
     np.testing.assert_array_equal(set_images(workdir1, name)["images"], set_images(workdir8, name)["images"])
     m1, m8 = manifest(workdir1, name), manifest(workdir8, name)
     scores = lambda m: np.array([c.pop("score") for r in m for c in r["cells"]])
     np.testing.assert_allclose(scores(m1), scores(m8), rtol=1e-5, atol=1e-6)  # the last bits differ by batch
     assert m1 == m8
-  for name in ("dit", "dap"):
+  for name in ("dap",):  # dit is DAP's sampler (the zero-scale test shows it bit for bit)
     a = set_images(workdir1, name)["images"].astype(int)
     b = set_images(workdir8, name)["images"].astype(int)
     assert np.abs(a - b).max() <= 2, name
@@ -354,6 +354,8 @@ def test_bad_input_is_named(assets, tmp_path):
   # IPC larger than the candidates a class offers (10 training images per class; factor 2: 4 cells per image).
   with pytest.raises(errors.ConfigError, match=r"methods.rded.settings.ipc=3 with factor 2 needs 12 crops .* offers 10"):
     distill.run(make_config(assets, names=("rded",), rded={"ipc": 3}), workdir, mesh_lib.make_mesh(1))
+  with pytest.raises(artifacts.ArtifactError, match=r"no teacher 'tiny_nobn' \(needed by methods.rded.settings.observer\)"):
+    distill.run(make_config(assets, names=("rded",), rded={"observer": "tiny_nobn"}), workdir, mesh_lib.make_mesh(1))
   with pytest.raises(errors.ConfigError, match=r"methods.dps.settings.factor=3: does not divide the image size 16"):
     distill.run(make_config(assets, names=("dps",), dps={"factor": 3, "ipc": 1}), workdir, mesh_lib.make_mesh(1))
   with pytest.raises(errors.ConfigError, match=r"methods.dap.settings.feature_block=5: the DiT .* has 4 blocks"):
@@ -388,7 +390,6 @@ def test_every_method_runs_end_to_end_through_the_cli_on_digits(tmp_path):
   place of the squeezed and trained ones (the squeeze and diffusion stages have their own tests)."""
   from cli_utils import run_cli
   from prism_jax.data import sources
-  from prism_jax.metrics import ranking
   from configs import digits_methods
   dataset = sources.open_dataset(digits_methods.get_config().data)
   workdir, teachers = str(tmp_path / "digits"), str(tmp_path / "teachers")
@@ -416,17 +417,31 @@ def test_every_method_runs_end_to_end_through_the_cli_on_digits(tmp_path):
     picture = Image.open(os.path.join(workdir, "evaluate", figure))
     assert picture.size[0] > 100 and picture.size[1] > 100, figure
     assert figure in open(os.path.join(workdir, "evaluate", "report.md")).read()
-  # HLR and LRS from a hard-label run of the same sets and a full-data reference accuracy.
+
+
+def test_evaluate_adds_hlr_and_lrs_from_a_hard_label_run(tmp_path):
+  """evaluate's DD-Ranking columns: IOR against the random draws, HLR from another work directory's
+  hard-label results and the full-data accuracy, LRS from both (metrics/ranking.py's formula)."""
+  import ml_collections
+  from prism_jax.metrics import ranking
+  from prism_jax.stages import evaluate
+  names = ("random_real", "random_real_s1", "prism")
   hard = tmp_path / "hard"
   os.makedirs(hard / "evaluate")
-  hard_rows = [{"method": n, "top1_best": {"mean": 20.0 + i, "std": 0.0}} for i, n in enumerate(names)]
-  artifacts.write_json(str(hard / "evaluate" / "results.json"), {"protocol": "hard_label", "rows": hard_rows})
-  config = digits_methods.get_config()
-  config.teachers_dir, config.train.epochs, config.train.width = teachers, 1, 0.125
-  config.evaluate.hard_label_workdir, config.evaluate.full_data_top1 = str(hard), 90.0
-  from prism_jax import stages
-  stages.run_stage("evaluate", config, workdir, mesh_lib.make_mesh(1))
-  rows = {r["method"]: r for r in json.load(open(os.path.join(workdir, "evaluate", "results.json")))["rows"]}
-  for i, name in enumerate(names):
-    assert rows[name]["hlr"] == pytest.approx(90.0 - (20.0 + i))
-    assert rows[name]["lrs"] == pytest.approx(ranking.lrs(rows[name]["ior"]["mean"] / 100, rows[name]["hlr"] / 100))
+  artifacts.write_json(str(hard / "evaluate" / "results.json"), {"protocol": "hard_label", "rows": [
+      {"method": n, "top1_best": {"mean": 20.0 + i, "std": 0.0}} for i, n in enumerate(names)]})
+  rows = [{"method": n, "top1_best": {"mean": acc, "std": 0.0}} for n, acc in zip(names, (40.0, 44.0, 50.0))]
+  ev = ml_collections.ConfigDict({"random_sets": names[:2], "hard_label_workdir": str(hard), "full_data_top1": 90.0,
+                                  "lrs_weight": 0.5})
+  assert evaluate._add_ranking(rows, ev) == ("ior", "hlr", "lrs")
+  for i, row in enumerate(rows):
+    assert row["ior"]["mean"] == pytest.approx(row["top1_best"]["mean"] - 42.0) and row["ior"]["std"] == 2.0
+    assert row["hlr"] == pytest.approx(90.0 - (20.0 + i))
+    assert row["lrs"] == pytest.approx(ranking.lrs(row["ior"]["mean"] / 100, row["hlr"] / 100))
+  # Only IOR without the hard-label inputs; a soft-label directory is refused as the hard-label run.
+  ev.hard_label_workdir, ev.full_data_top1 = "", -1.0
+  assert evaluate._add_ranking([dict(r) for r in rows], ev) == ("ior",)
+  artifacts.write_json(str(hard / "evaluate" / "results.json"), {"protocol": "prism", "rows": []})
+  ev.hard_label_workdir = str(hard)
+  with pytest.raises(artifacts.ArtifactError, match="must be a hard_label run"):
+    evaluate._add_ranking([dict(r) for r in rows], ev)
