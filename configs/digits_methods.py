@@ -3,7 +3,7 @@
   python -m prism_jax.main --config configs/digits_methods.py --workdir workdirs/digits_methods
 
 Squeezes a narrow small-stem ResNet-18 (the RDED observer, the PRISM teacher and the relabel
-teacher), trains a tiny pixel-space DiT-T/2 on the digits (the `diffusion` stage, 300 steps), then
+teacher), trains a tiny pixel-space DiT-T/2 on the digits (the `diffusion` stage, 600 steps), then
 makes six sets of 2 images per class at 16 px:
   random_real   real training images (the baseline; random_real_s1 is a second draw, seed 1)
   prism         PRISM recovery (optimization)
@@ -36,7 +36,7 @@ def get_config():
   sq.checkpoint_every_steps = 50
   dc = config.diffusion
   dc.model = "T/2"
-  dc.steps = 300
+  dc.steps = 600                 # the diffusion quickstart's budget: rough but recognizable digits
   dc.batch_size = 64
   dc.learning_rate = 1e-3
   dc.ema_decay = 0.99
