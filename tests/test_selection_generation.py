@@ -278,6 +278,13 @@ def test_dap_with_zero_scale_is_exactly_dit_and_guidance_lowers_the_energy(run8,
     e1 = guided[key]
     assert e1[0] == pytest.approx(e0[0], rel=1e-5)          # the same x_T
     assert np.mean(e1[1:]) < np.mean(e0[1:]), key            # guided trajectory: lower energy
+  # The RBF kernel (median-heuristic bandwidth) runs the same way, its energies in [0, 2] (2: saturated, far
+  # from every reference).
+  rbf = make_workdir(tmp_path / "rbf")
+  distill.run(make_config(assets, names=("dap",), dap={"kernel": "rbf", "per_device_batch": 8}), rbf,
+              mesh_lib.make_mesh(1))
+  records = manifest(rbf, "dap")
+  assert all(r["kernel"] == "rbf" and all(0.0 <= e <= 2.0 for e in r["energy"]) and r["energy"][0] < 2.0 for r in records)
 
 
 def test_dap_guides_only_the_first_fraction_of_the_steps(assets, tmp_path, monkeypatch):

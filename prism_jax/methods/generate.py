@@ -210,7 +210,7 @@ class DitMethod(base.Method):
     return {}
 
   def _write(self, ctx, r, guide, pairs, rows):
-    dataset, ipc = ctx.dataset, r["ipc"]
+    dataset = ctx.dataset
     order = np.lexsort((pairs[:, 0], pairs[:, 1]))  # (ipc index, class)
     timesteps = sampling.ddim_timesteps(1000, r["num_steps"])[0]
     manifest = []
@@ -222,7 +222,6 @@ class DitMethod(base.Method):
       record.update(self.manifest_fields(r, guide, {k: v[j] for k, v in rows.items()}))
       manifest.append(record)
     base.write_set(ctx, rows["images"][order], pairs[order, 0], pairs[order, 1], manifest)
-    del ipc
 
 
 class DapMethod(DitMethod):
