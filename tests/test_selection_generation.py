@@ -383,10 +383,10 @@ def test_bad_input_is_named(assets, tmp_path):
 # ----------------------------------------------------------------------------- the CLI on digits
 
 DIGITS_SHORT = (
-    "--config.stage=distill+", "--config.recover.iterations=4", "--config.recover.iteration_step=1",
-    "--config.recover.iterations_per_call=4", "--config.methods.rded.settings.mipc=10",
-    "--config.methods.dps.settings.mipc=10", "--config.methods.dit.settings.num_steps=3",
-    "--config.methods.dap.settings.num_steps=3", "--config.methods.dap.settings.real_per_class=4",
+    "--config.stage=distill+", "--config.recover.iterations=2", "--config.recover.iteration_step=1",
+    "--config.recover.iterations_per_call=2", "--config.methods.rded.settings.mipc=8",
+    "--config.methods.dps.settings.mipc=8", "--config.methods.dit.settings.num_steps=2",
+    "--config.methods.dap.settings.num_steps=2", "--config.methods.dap.settings.real_per_class=2",
     "--config.train.width=0.125", "--config.train.epochs=1", "--config.train.eval_every_epochs=1",
     "--config.progress_interval_s=0",
 )
@@ -418,7 +418,7 @@ def test_every_method_runs_end_to_end_through_the_cli_on_digits(tmp_path):
   for row in rows.values():  # IOR against the mean of the two random draws, with their spread
     assert row["ior"]["mean"] == pytest.approx(row["top1_best"]["mean"] - np.mean(randoms))
     assert row["ior"]["std"] == pytest.approx(np.std(randoms))
-  assert manifest(workdir, "dap")[0]["guided_steps"] == 2
+  assert manifest(workdir, "dap")[0]["guided_steps"] == 1
   from PIL import Image
   for figure in ("dps_clusters.png", "dap_guidance.png", "grid.png"):
     picture = Image.open(os.path.join(workdir, "evaluate", figure))

@@ -113,15 +113,7 @@ class DpsMethod(base.Method):
 
   def plan(self, ctx):
     r, dataset, field = self.resolved(ctx), ctx.dataset, ctx.request.field
-    rded.check_factor(r["factor"], dataset.image_size, field)
-    needed = r["ipc"] * r["factor"] ** 2
-    per_class = [min(len(ix), r["mipc"]) for ix in dataset.class_indices("train")]
-    smallest = int(np.argmin(per_class))
-    if per_class[smallest] < needed:
-      raise errors.ConfigError(
-          f"{field}.ipc={r['ipc']} with factor {r['factor']} needs {needed} crops per class (one kept per candidate "
-          f"image), but class {smallest} ('{dataset.class_names[smallest]}') offers {per_class[smallest]} "
-          f"candidate images ({field}.mipc={r['mipc']}); lower ipc or factor")
+    rded.check_candidates(r, dataset, field)
     prior = prior_lib.load(ctx.workdir, dataset)
     generate.check_feature_block(r["feature_block"], prior, field)
     return r, prior
@@ -197,17 +189,5 @@ class DpsMethod(base.Method):
     return meta
 
   def _write(self, ctx, r, results):
-    dataset, ipc, cells = ctx.dataset, r["ipc"], r["factor"] ** 2
-    images = rded.by_ipc_then_class([u["images"] for u in results])
-    labels = np.tile(np.arange(dataset.num_classes), ipc).astype(np.int32)
-    ipc_index = np.repeat(np.arange(ipc), dataset.num_classes).astype(np.int32)
-    manifest = []
-    for t, c in zip(ipc_index, labels):
-      u = results[c]
-      manifest.append({"class": int(c), "class_name": dataset.class_names[int(c)], "ipc_index": int(t),
-                       "method": NAME, "seed": r["seed"], "factor": r["factor"], "select": r["select"],
-                       "cells": [{"train_index": int(u["train_index"][t, k]), "box": [int(v) for v in u["box"][t, k]],
-                                  "score": float(u["score"][t, k]), "cluster": int(u["cluster"][t, k]),
-                                  "cluster_rank": int(u["cluster_rank"][t, k]),
-                                  "member_rank": int(u["member_rank"][t, k])} for k in range(cells)]})
-    base.write_set(ctx, images, labels, ipc_index, manifest)
+    rded.write_patch_set(ctx, r, results, NAME, {"select": r["select"]},
+                         ("score", "cluster", "cluster_rank", "member_rank"))

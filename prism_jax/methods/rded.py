@@ -65,6 +65,41 @@ def check_factor(factor: int, image_size: int, field: str) -> None:
                              f"(the stitched cells would differ in size); use a divisor of {image_size}")
 
 
+def check_candidates(r: dict, dataset, field: str) -> None:
+  """The factor divides the image size and every class offers IPC x factor² candidate images (each
+  image gives one kept crop)."""
+  check_factor(r["factor"], dataset.image_size, field)
+  needed = r["ipc"] * r["factor"] ** 2
+  per_class = [min(len(ix), r["mipc"]) for ix in dataset.class_indices("train")]
+  smallest = int(np.argmin(per_class))
+  if per_class[smallest] < needed:
+    raise errors.ConfigError(
+        f"{field}.ipc={r['ipc']} with factor {r['factor']} needs {needed} crops per class (one kept per candidate "
+        f"image), but class {smallest} ('{dataset.class_names[smallest]}') offers {per_class[smallest]} "
+        f"candidate images ({field}.mipc={r['mipc']}); lower ipc or factor")
+
+
+def write_patch_set(ctx, r: dict, results: list, method: str, extra: dict, cell_fields: tuple) -> None:
+  """Writes a patch method's set from its per-class units (images (IPC, S, S, 3) and per-cell arrays
+  (IPC, cells[, ...])): images in (IPC index, class) order, one manifest record per image with the
+  `extra` fields and, per cell, its training index, crop box and `cell_fields`."""
+  dataset, ipc, cells = ctx.dataset, r["ipc"], r["factor"] ** 2
+  images = by_ipc_then_class([u["images"] for u in results])
+  labels = np.tile(np.arange(dataset.num_classes), ipc).astype(np.int32)
+  ipc_index = np.repeat(np.arange(ipc), dataset.num_classes).astype(np.int32)
+  manifest = []
+  for t, c in zip(ipc_index, labels):
+    u = results[c]
+    records = []
+    for k in range(cells):
+      record = {"train_index": int(u["train_index"][t, k]), "box": [int(v) for v in u["box"][t, k]]}
+      record.update({f: (float if f == "score" else int)(u[f][t, k]) for f in cell_fields})
+      records.append(record)
+    manifest.append({"class": int(c), "class_name": dataset.class_names[int(c)], "ipc_index": int(t),
+                     "method": method, "seed": r["seed"], "factor": r["factor"], **extra, "cells": records})
+  base.write_set(ctx, images, labels, ipc_index, manifest)
+
+
 def candidate_indices(dataset, seed: int, purpose: str, klass: int, mipc: int) -> np.ndarray:
   """Up to `mipc` training indices of class `klass`, a seeded draw without replacement."""
   pool = dataset.class_indices("train")[klass]
@@ -114,15 +149,7 @@ class RdedMethod(base.Method):
 
   def plan(self, ctx):
     r, dataset, field = self._resolved(ctx), ctx.dataset, ctx.request.field
-    check_factor(r["factor"], dataset.image_size, field)
-    needed = r["ipc"] * r["factor"] ** 2
-    per_class = [min(len(ix), r["mipc"]) for ix in dataset.class_indices("train")]
-    smallest = int(np.argmin(per_class))
-    if per_class[smallest] < needed:
-      raise errors.ConfigError(
-          f"{field}.ipc={r['ipc']} with factor {r['factor']} needs {needed} crops per class (one per candidate "
-          f"image), but class {smallest} ('{dataset.class_names[smallest]}') offers {per_class[smallest]} "
-          f"candidate images ({field}.mipc={r['mipc']}); lower ipc or factor")
+    check_candidates(r, dataset, field)
     policy = precision.resolve(ctx.config, "recover")
     teachers = teacher_store.load_teacher_set(
         (r["observer"],), ctx.teachers_dir, class_names=dataset.class_names,
@@ -183,16 +210,4 @@ class RdedMethod(base.Method):
     return meta
 
   def _write(self, ctx, r, results):
-    dataset, ipc = ctx.dataset, r["ipc"]
-    images = by_ipc_then_class([u["images"] for u in results])
-    labels = np.tile(np.arange(dataset.num_classes), ipc).astype(np.int32)
-    ipc_index = np.repeat(np.arange(ipc), dataset.num_classes).astype(np.int32)
-    manifest = []
-    for t, c in zip(ipc_index, labels):
-      u = results[c]
-      manifest.append({"class": int(c), "class_name": dataset.class_names[int(c)], "ipc_index": int(t),
-                       "method": NAME, "seed": r["seed"], "observer": r["observer"], "factor": r["factor"],
-                       "cells": [{"train_index": int(u["train_index"][t, k]), "box": [int(v) for v in u["box"][t, k]],
-                                  "score": float(u["score"][t, k]), "rank": int(u["rank"][t, k])}
-                                 for k in range(r["factor"] ** 2)]})
-    base.write_set(ctx, images, labels, ipc_index, manifest)
+    write_patch_set(ctx, r, results, NAME, {"observer": r["observer"]}, ("score", "rank"))
