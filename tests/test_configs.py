@@ -326,8 +326,8 @@ def shrink(config, assets):
   if dc.model or dc.import_dir:  # a random tiny pixel-space DiT stands in (Runner writes it)
     dc.model, dc.import_dir, dc.vae_dir, dc.space, dc.class_map = "T/2", "", "", "pixel", ()
   for instance in c.methods.values():  # the selection / generation methods' sizes
-    sizes = {"rded": {"mipc": PER_CLASS},
-             # factor 1: at IPC 2 DPS would stitch 4 crops of 8 candidates per class (the tiny data has 4)
+    sizes = {"rded": {"mipc": PER_CLASS, "factor": 1},
+             # factor 1: at IPC 2 stitching would take 4 crops of 8 candidates per class (the tiny data has 4)
              "dps": {"mipc": PER_CLASS, "n_draws": 1, "feature_block": 2, "factor": 1},
              "dit": {"num_steps": 2}, "dap": {"num_steps": 2, "feature_block": 2, "real_per_class": PER_CLASS}}
     for field, value in sizes.get(instance.method, {}).items():

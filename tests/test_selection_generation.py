@@ -208,6 +208,10 @@ def test_cluster_ranking_and_round_robin_fill_on_a_known_case():
     members = [i for i in out["index"] if i in groups[g]]
     d = np.linalg.norm(features[members] - features[sorted(groups[g])].mean(0), axis=1)
     assert np.all(np.diff(d) >= 0)
+  # select='max' ranks the clusters the other way: the highest median first (cluster A).
+  out = cluster.select(features, scores, 3, clusters=3, top_clusters=1, rng=np.random.default_rng(1),
+                       lowest_first=False)
+  assert set(out["index"]) <= groups[0] and list(out["cluster_rank"]) == [0, 0, 0]
   # More picks than the top clusters hold: the next cluster joins.
   out = cluster.select(features, scores, 10, clusters=3, top_clusters=2, rng=np.random.default_rng(1))
   assert len(set(out["index"])) == 10 and set(out["cluster_rank"]) == {0, 1, 2}

@@ -32,7 +32,7 @@ from prism_jax.diffusion import schedule as schedule_lib
 from prism_jax.diffusion.schedule import split_model_output
 from prism_jax.io import monitoring
 from prism_jax.methods import base, generate, rded, units
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.patches import cluster as cluster_lib
 from prism_jax.patches import crops as crops_lib
 from prism_jax.train import precision
@@ -86,7 +86,7 @@ class DpsMethod(base.Method):
 
   def validate(self, settings, config, field):
     generate.needs_diffusion_model(config, field, NAME)
-    rded.check_patch_settings(settings, field)
+    rded.check_patch_settings(settings, field, factor_auto="2 for IPC <= 10, else 1")
     for name in ("n_draws", "clusters", "top_clusters", "feature_block", "per_device_batch"):
       if not isinstance(settings[name], int) or settings[name] < 1:
         raise errors.ConfigError(f"{field}.{name}={settings[name]!r}: expected an integer >= 1")
@@ -95,7 +95,7 @@ class DpsMethod(base.Method):
     t_range = tuple(settings.t_range)
     if len(t_range) != 2 or not 0 <= t_range[0] < t_range[1] <= 1:
       raise errors.ConfigError(f"{field}.t_range={t_range!r}: expected (low, high) with 0 <= low < high <= 1")
-    if not 0 <= settings.feature_t < 1000:
+    if not isinstance(settings.feature_t, int) or not 0 <= settings.feature_t < 1000:
       raise errors.ConfigError(f"{field}.feature_t={settings.feature_t!r}: expected a timestep in 0..999")
 
   def resolved(self, ctx) -> dict:
@@ -109,7 +109,7 @@ class DpsMethod(base.Method):
 
   def fingerprint(self, ctx):
     return {NAME: self.resolved(ctx), "prior": prior_lib.variables_fingerprint(ctx.workdir),
-            "data": ctx.dataset.fingerprint()}
+            "data": ctx.dataset.fingerprint(), **precision.resolve(ctx.config, "recover").fingerprint()}
 
   def plan(self, ctx):
     r, dataset, field = self.resolved(ctx), ctx.dataset, ctx.request.field
@@ -170,7 +170,8 @@ class DpsMethod(base.Method):
           phi = units.map_rows(feature, placed, {"x": kept, "y": prior.model_labels(np.full(len(kept), klass)), "key": fkeys}, mesh,
                                per_device=per_device, jitted=feature_program)["phi"]
         picked = cluster_lib.select(phi, kept_r, ipc * cells, clusters=r["clusters"], top_clusters=r["top_clusters"],
-                                    rng=units.unit_rng(r["seed"], "dps/kmeans", klass))
+                                    rng=units.unit_rng(r["seed"], "dps/kmeans", klass),
+                                    lowest_first=r["select"] == "min")
         order = picked["index"]
         cell = size // factor
         ranked = kept[order] if factor == 1 else np.stack([crops_lib.resize(p, cell) for p in kept[order]])
@@ -183,7 +184,7 @@ class DpsMethod(base.Method):
       progress.update(klass + 1)
     meta = {"num_images": ipc * dataset.num_classes, "class_names": list(dataset.class_names),
             "units_reused": store.reused}
-    if results and results[0] is not None:
+    if multihost.is_main_process():
       self._write(ctx, r, results)
       meta["wall_seconds_last_run"] = time.perf_counter() - start
     return meta

@@ -28,7 +28,7 @@ from prism_jax import errors
 from prism_jax.diffusion import grids, guidance, prior as prior_lib, sampling
 from prism_jax.io import monitoring
 from prism_jax.methods import base, units
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.train import precision
 
 DEFAULT_STEPS = 50
@@ -127,7 +127,7 @@ class DitMethod(base.Method):
 
   def fingerprint(self, ctx):
     return {self.name: self.resolved(ctx), "prior": prior_lib.variables_fingerprint(ctx.workdir),
-            "data": ctx.dataset.fingerprint()}
+            "data": ctx.dataset.fingerprint(), **precision.resolve(ctx.config, "recover").fingerprint()}
 
   def plan(self, ctx):
     prior = prior_lib.load(ctx.workdir, ctx.dataset)
@@ -163,7 +163,7 @@ class DitMethod(base.Method):
                      cfg_scale=r["cfg_scale"], guided_channels=gc)
       if guide is not None and step <= guide["steps"]:
         guided, e = self.guide_step(ctx, r, prior, guide, placed, x, labels_d, padded[:, 0], step, t, eps)
-        energies.append(units.to_host(e))
+        energies.append(units.to_host(placed["replicate"](e)))  # every row, also with several processes
         if step < guide["steps"]:
           eps = guided
       x = _update(x, eps, noise_keys, np.int32(step), t, t_prev, prior.schedule, eta=r["eta"])
@@ -184,7 +184,8 @@ class DitMethod(base.Method):
     pairs = np.array([(c, i) for c in range(dataset.num_classes) for i in range(r["ipc"])], np.int32)
     batches = [pairs[s:s + width] for s in range(0, len(pairs), width)]
     placed = {"dit": mesh_lib.replicate(prior.variables, mesh), "vae": mesh_lib.replicate(prior.vae_variables, mesh),
-              "decode": jax.jit(prior.decode, out_shardings=mesh_lib.replicated(mesh))}
+              "decode": jax.jit(prior.decode, out_shardings=mesh_lib.replicated(mesh)),
+              "replicate": jax.jit(lambda a: a, out_shardings=mesh_lib.replicated(mesh))}
     store = units.Units(ctx.unit_dir, ctx.tag)
     guide = self.guidance_setup(ctx, r, prior)
     progress = monitoring.Progress(ctx.tag, len(batches), unit="batch", items_per_step=width, item_unit="img",
@@ -201,7 +202,7 @@ class DitMethod(base.Method):
                                                                                width)))
       progress.update(b + 1)
     meta = {"num_images": len(pairs), "class_names": list(dataset.class_names), "units_reused": store.reused}
-    if results and results[0] is not None:
+    if multihost.is_main_process():
       self._write(ctx, r, guide, pairs, {k: np.concatenate([u[k] for u in results]) for k in results[0]})
       meta["wall_seconds_last_run"] = time.perf_counter() - start
     return meta
@@ -273,34 +274,49 @@ class DapMethod(DitMethod):
 
   def guidance_setup(self, ctx, r, prior):
     steps = sampling.num_guided_steps(r["num_steps"], r["guide_fraction"])
-    return {"steps": steps, "refs": {}, "timesteps": sampling.ddim_timesteps(1000, r["num_steps"])[0],
+    encode = units.compile_rows(lambda v, b: {"z": prior.encode(v, b["x"])}, ctx.mesh)
+    return {"steps": steps, "refs": {}, "phi": {}, "encode": encode,
+            "timesteps": sampling.ddim_timesteps(1000, r["num_steps"])[0],
             "describe": f"λ {r['scale']} on {steps}/{r['num_steps']} steps ({r['kernel']} kernel, block "
                         f"{r['feature_block']}, {r['real_per_class']} references per class)"}
 
   def _class_references(self, ctx, r, prior, guide, placed, klass: int) -> np.ndarray:
+    """The class's references, encoded once (one compiled encoder for the whole run)."""
     cache = guide["refs"]
     if klass not in cache:
       pool = ctx.dataset.class_indices("train")[klass]
       chosen = np.sort(units.unit_rng(r["seed"], "dap/references", klass).permutation(pool)[:r["real_per_class"]])
       images = ctx.dataset.read("train", chosen)
-      cache[klass] = units.map_rows(lambda v, b: {"z": prior.encode(v, b["x"])}, prior.vae_variables,
-                                    {"x": images}, ctx.mesh, per_device=16)["z"]
-      for old in [k for k in cache if k < klass - 1]:  # units are class-major: earlier classes are done
-        del cache[old]
+      cache[klass] = units.map_rows(None, placed["vae"], {"x": images}, ctx.mesh, per_device=16,
+                                    jitted=guide["encode"])["z"]
     return cache[klass]
+
+  def _class_features(self, ctx, r, prior, guide, placed, klass: int, step: int, t) -> tuple:
+    """(Φ (M, D), σ) of one class at one step: computed class by class (the same program whatever
+    the batch holds, so the result does not depend on the device count) and kept while the class's
+    samples run."""
+    key = (klass, step)
+    if key not in guide["phi"]:
+      refs = self._class_references(ctx, r, prior, guide, placed, klass)[None]
+      noise_key = units.unit_keys(r["seed"], "dap/reference_noise", np.array([(klass, step)]))
+      phi, sigma = _references(placed["dit"], refs, noise_key, prior.model_labels([klass]), t,
+                               np.float32(r["rbf_sigma"]), prior.schedule, model=prior.model,
+                               feature_block=r["feature_block"], rbf=r["kernel"] == "rbf")
+      guide["phi"][key] = (np.asarray(units.to_host(phi))[0], np.asarray(units.to_host(sigma))[0])
+    return guide["phi"][key]
 
   def guide_step(self, ctx, r, prior, guide, placed, x, labels_d, classes, step, t, eps):
     distinct = sorted(set(int(c) for c in classes))
-    refs = np.stack([self._class_references(ctx, r, prior, guide, placed, c) for c in distinct])
-    keys = units.unit_keys(r["seed"], "dap/reference_noise", np.array([(c, step) for c in distinct]))
-    phi, sigma = _references(placed["dit"], refs, keys, prior.model_labels(distinct), t,
-                             np.float32(r["rbf_sigma"]), prior.schedule, model=prior.model,
-                             feature_block=r["feature_block"], rbf=r["kernel"] == "rbf")
-    slot = np.searchsorted(np.asarray(distinct), np.asarray(classes))
+    for cache in (guide["refs"], guide["phi"]):  # units are class-major: classes before this batch are done
+      for old in [k for k in cache if (k if isinstance(k, int) else k[0]) < distinct[0]]:
+        del cache[old]
+    features = {c: self._class_features(ctx, r, prior, guide, placed, c, step, t) for c in distinct}
     mesh, width = ctx.mesh, len(classes)
     local = mesh_lib.local_batch_slice(width, mesh)
-    per_phi = mesh_lib.put_global_batch(np.asarray(units.to_host(phi))[slot][local], width, mesh)
-    per_sigma = mesh_lib.put_global_batch(np.asarray(units.to_host(sigma))[slot][local], width, mesh)
+    per_phi = np.stack([features[int(c)][0] for c in classes])
+    per_sigma = np.array([features[int(c)][1] for c in classes], np.float32)
+    per_phi = mesh_lib.put_global_batch(per_phi[local], width, mesh)
+    per_sigma = mesh_lib.put_global_batch(per_sigma[local], width, mesh)
     return _guide(placed["dit"], x, labels_d, t, eps, per_phi, per_sigma, np.float32(r["scale"]), prior.schedule,
                   model=prior.model, kernel=r["kernel"], feature_block=r["feature_block"])
 

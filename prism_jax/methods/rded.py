@@ -27,7 +27,7 @@ import numpy as np
 from prism_jax import errors
 from prism_jax.io import monitoring, teacher_store
 from prism_jax.methods import base, units
-from prism_jax.parallel import mesh as mesh_lib
+from prism_jax.parallel import mesh as mesh_lib, multihost
 from prism_jax.patches import crops as crops_lib
 from prism_jax.train import precision
 
@@ -41,19 +41,19 @@ def auto_factor(factor: int, image_size: int) -> int:
   return 2 if image_size >= AUTO_FACTOR_MIN_SIZE else 1
 
 
-def check_patch_settings(settings, field: str) -> None:
+def check_patch_settings(settings, field: str, factor_auto: str = "by image size") -> None:
   """The crop settings RDED and DPS share."""
   for name in ("mipc", "num_crop"):
     if not isinstance(settings[name], int) or settings[name] < 1:
       raise errors.ConfigError(f"{field}.{name}={settings[name]!r}: expected an integer >= 1")
   if settings.factor != -1 and (not isinstance(settings.factor, int) or settings.factor < 1):
-    raise errors.ConfigError(f"{field}.factor={settings.factor!r}: expected -1 (by image size) or an integer >= 1")
+    raise errors.ConfigError(f"{field}.factor={settings.factor!r}: expected -1 ({factor_auto}) or an integer >= 1")
   scale, ratio = tuple(settings.scale), tuple(settings.ratio)
   if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
     raise errors.ConfigError(f"{field}.scale={scale!r}: expected (low, high) with 0 < low <= high <= 1")
   if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
     raise errors.ConfigError(f"{field}.ratio={ratio!r}: expected (low, high) with 0 < low <= high")
-  if settings.ipc < 1:
+  if not isinstance(settings.ipc, int) or settings.ipc < 1:
     raise errors.ConfigError(f"{field}.ipc={settings.ipc!r}: expected an integer >= 1")
   if settings.seed < -1:
     raise errors.ConfigError(f"{field}.seed={settings.seed!r}: expected -1 (the run's seed) or >= 0")
@@ -204,7 +204,7 @@ class RdedMethod(base.Method):
       progress.update(klass + 1)
     meta = {"num_images": ipc * dataset.num_classes, "class_names": list(dataset.class_names),
             "units_reused": store.reused}
-    if results and results[0] is not None:  # process 0
+    if multihost.is_main_process():
       self._write(ctx, r, results)
       meta["wall_seconds_last_run"] = time.perf_counter() - start
     return meta

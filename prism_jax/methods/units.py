@@ -138,7 +138,9 @@ class Units:
     """The unit's arrays: the kept ones when process 0 has them, else `make()` (on every process),
     then kept. Returns None on the other processes when the unit was kept (only process 0 writes the
     set). Raises `preemption.Preempted` when a SIGTERM arrived before the unit started."""
-    if preemption.requested():
+    # Process 0's SIGTERM decides for every process (one that stopped alone would leave the others
+    # waiting in the next collective).
+    if multihost.broadcast_from_main(int(preemption.requested())):
       raise preemption.Preempted(f"[{self.tag}] stopped by SIGTERM; every finished unit is kept in {self.dir}; "
                                  "rerun the command to resume")
     kept = self._load(name, identity) if multihost.is_main_process() else None

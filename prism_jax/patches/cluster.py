@@ -39,9 +39,11 @@ def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
   return centroids, assignment
 
 
-def rank_clusters(scores: np.ndarray, assignment: np.ndarray, num_clusters: int) -> list[int]:
-  """Non-empty clusters ordered by the median score of their members, lowest first (ties by index)."""
-  medians = [(float(np.median(scores[assignment == j])), j) for j in range(num_clusters)
+def rank_clusters(scores: np.ndarray, assignment: np.ndarray, num_clusters: int, lowest_first: bool = True) -> list[int]:
+  """Non-empty clusters ordered by the median score of their members, lowest first (highest first
+  with lowest_first=False; ties by index)."""
+  sign = 1.0 if lowest_first else -1.0
+  medians = [(sign * float(np.median(scores[assignment == j])), j) for j in range(num_clusters)
              if np.any(assignment == j)]
   return [j for _, j in sorted(medians)]
 
@@ -72,10 +74,11 @@ def round_robin(ranked_members: list[np.ndarray], count: int) -> list[tuple[int,
 
 
 def select(features: np.ndarray, scores: np.ndarray, count: int, *, clusters: int, top_clusters: int,
-           rng: np.random.Generator) -> dict[str, np.ndarray]:
+           rng: np.random.Generator, lowest_first: bool = True) -> dict[str, np.ndarray]:
   """DPS's pick of `count` crops among a class's kept crops.
 
-  Fills round-robin from the `top_clusters` best-ranked clusters; when they hold fewer than `count`
+  Clusters rank by median score, lowest first (the most typical under DPS's `select='min'`;
+  `lowest_first=False` for 'max'). Fills round-robin from the `top_clusters` best-ranked clusters; when they hold fewer than `count`
   crops, the next clusters in rank order join (so a class always yields `count` crops when it has
   that many). Returns the picked indices in pick order, each one's cluster, that cluster's rank and
   the member's rank within it.
@@ -83,7 +86,7 @@ def select(features: np.ndarray, scores: np.ndarray, count: int, *, clusters: in
   if count > len(features):
     raise ValueError(f"select: {count} crops asked from {len(features)}")
   centroids, assignment = kmeans(features, clusters, rng)
-  order = rank_clusters(scores, assignment, len(centroids))
+  order = rank_clusters(scores, assignment, len(centroids), lowest_first)
   members = [rank_members(features, centroids, assignment, j) for j in order]
   used = min(top_clusters, len(order))
   while sum(len(m) for m in members[:used]) < count:
