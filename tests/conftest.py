@@ -42,37 +42,37 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop(_XLA_CACHE_VAR), ignore_errors=True)
 
 
-# The test files that take longest (seconds measured on the 2-core development machine: relabel_train
-# 83, diffusion_stage 82, models 76, ...), longest first. `-n 2 --dist loadfile` hands files to the
+# The test files that take longest (seconds measured on the 2-core development machine: diffusion_stage
+# 86, configs 78, selection_generation 75, torchvision_parity 64, ...), longest first. `-n 2 --dist loadfile` hands files to the
 # workers in collection order, so collecting the long ones first packs the two workers evenly
 # (longest-processing-time-first); the rest follow in their usual order.
 LONGEST_FIRST = (
-    "test_selection_generation.py",
-    "test_relabel_train.py",
     "test_diffusion_stage.py",
-    "test_models.py",
-    "test_torchvision_parity.py",
     "test_configs.py",
+    "test_selection_generation.py",
+    "test_torchvision_parity.py",
+    "test_models.py",
+    "test_squeeze.py",
+    "test_relabel_train.py",
     "test_recover.py",
     "test_device_check.py",
-    "test_squeeze.py",
-    "test_methods.py",
-    "test_compilation.py",
+    "test_precision.py",
     "test_diffusion_process.py",
     "test_quickstart.py",
-    "test_precision.py",
-    "test_multihost_train.py",
+    "test_methods.py",
+    "test_multihost.py",
     "test_augment.py",
+    "test_compilation.py",
     "test_depthwise.py",
     "test_dit.py",
-    "test_multihost.py",
+    "test_multihost_train.py",
     "test_vae.py",
-    "test_recover_objective.py",
     "test_metrics.py",
+    "test_recover_objective.py",
     "test_bn_stats.py",
     "test_remote_workdir.py",
     "test_parallel.py",
-    "test_data_sources.py",
+    "test_student_objectives.py",
 )
 
 

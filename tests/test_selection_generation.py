@@ -387,18 +387,19 @@ def test_bad_input_is_named(assets, tmp_path):
 # ----------------------------------------------------------------------------- the CLI on digits
 
 DIGITS_SHORT = (
-    "--config.stage=distill+", "--config.recover.iterations=2", "--config.recover.iteration_step=1",
+    "--config.stage=distill,evaluate", "--config.recover.iterations=2", "--config.recover.iteration_step=1",
     "--config.recover.iterations_per_call=2", "--config.methods.rded.settings.mipc=8",
     "--config.methods.dps.settings.mipc=8", "--config.methods.dit.settings.num_steps=2",
     "--config.methods.dap.settings.num_steps=2", "--config.methods.dap.settings.real_per_class=2",
-    "--config.train.width=0.125", "--config.train.epochs=1", "--config.train.eval_every_epochs=1",
     "--config.progress_interval_s=0",
 )
 
 
-def test_every_method_runs_end_to_end_through_the_cli_on_digits(tmp_path):
-  """configs/digits_methods.py from the distill stage on, with a random teacher and a random DiT in
-  place of the squeezed and trained ones (the squeeze and diffusion stages have their own tests)."""
+def test_every_method_runs_through_the_cli_on_digits(tmp_path):
+  """configs/digits_methods.py's distill and evaluate stages through the CLI, with a random teacher and
+  a random DiT in place of the squeezed and trained ones: every method makes its set and the report
+  shows them with the method figures. (Relabel and student training treat these sets like any other:
+  tests/test_configs.py runs them for every method in-process, test_methods.py through the CLI.)"""
   from cli_utils import run_cli
   from prism_jax.data import sources
   from configs import digits_methods
@@ -409,19 +410,13 @@ def test_every_method_runs_end_to_end_through_the_cli_on_digits(tmp_path):
   result = run_cli("configs/digits_methods.py", workdir, *DIGITS_SHORT, f"--config.teachers_dir={teachers}",
                    timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  out = result.stdout
   names = ("random_real", "random_real_s1", "prism", "rded", "dps", "dit", "dap")
   for name in names:
-    assert f"[distill {name}] 20 images" in out, name
-    assert f"[train {name} seed 0] best top-1" in out, name
+    assert f"[distill {name}] 20 images" in result.stdout, name
   results = json.load(open(os.path.join(workdir, "evaluate", "results.json")))
   rows = {r["method"]: r for r in results["rows"]}
-  assert set(rows) == set(names) and "ior" in results["columns"]
-  assert all(row["images"] == 20 and 0 <= row["top1_best"]["mean"] <= 100 for row in rows.values())
-  randoms = [rows[n]["top1_best"]["mean"] for n in ("random_real", "random_real_s1")]
-  for row in rows.values():  # IOR against the mean of the two random draws, with their spread
-    assert row["ior"]["mean"] == pytest.approx(row["top1_best"]["mean"] - np.mean(randoms))
-    assert row["ior"]["std"] == pytest.approx(np.std(randoms))
+  assert set(rows) == set(names) and all(row["images"] == 20 for row in rows.values())
+  assert all(0.0 <= rows[n]["intra_cos"] <= 1.0 for n in names)
   assert manifest(workdir, "dap")[0]["guided_steps"] == 1
   from PIL import Image
   for figure in ("dps_clusters.png", "dap_guidance.png", "grid.png"):
