@@ -59,7 +59,6 @@ class Prior:
   class_map: np.ndarray             # (num data classes,) model class index of each data class
   vae: vae_lib.AutoencoderKL | None
   vae_variables: Any
-  fingerprint: dict
   schedule: schedule_lib.DiffusionSchedule = dataclasses.field(default_factory=schedule_lib.DiffusionSchedule.linear)
 
   @property
@@ -113,24 +112,21 @@ def load(workdir: str, dataset) -> Prior:
   meta = diffusion_store.load_meta(model_dir, kind="dit")
   cm = _class_map(meta, class_map, dataset, meta_path)
   vae_record = resolve_vae(workdir)
-  vae, vae_variables, vae_sha = None, None, None
+  vae, vae_variables = None, None
   if vae_record is None:
     want = (dataset.image_size, 3)
   else:
     info = latents_lib.vae_info(vae_record["dir"])
     want = latents_lib.latent_shape(info, dataset.image_size)
     vae, vae_variables = latents_lib.load_vae(info)
-    vae_sha = info["variables_sha256"]
   spec = meta["spec"]
   if (int(spec["input_size"]), int(spec["in_channels"])) != tuple(want):
     raise artifacts.ArtifactError(f"{meta_path}: the DiT takes {spec['input_size']}x{spec['input_size']}x"
                                   f"{spec['in_channels']} inputs, but the data's {dataset.image_size} px images give "
                                   f"{want[0]}x{want[0]}x{want[1]}")
-  model, variables, meta = dit_import.load_dit(model_dir)
-  fingerprint = {"dit": meta.get("variables_sha256"), "vae": vae_sha, "class_map": [int(c) for c in cm],
-                 "space": "pixel" if vae is None else "latent"}
+  model, variables, _ = dit_import.load_dit(model_dir)
   return Prior(model=model, variables=variables, model_dir=model_dir, class_map=cm, vae=vae,
-               vae_variables=vae_variables, fingerprint=fingerprint)
+               vae_variables=vae_variables)
 
 
 def variables_fingerprint(workdir: str) -> dict:

@@ -19,7 +19,6 @@ The manifest records each cell's training index, crop box, R, cluster and ranks.
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +29,8 @@ from prism_jax import errors
 from prism_jax.diffusion import guidance, prior as prior_lib
 from prism_jax.diffusion import schedule as schedule_lib
 from prism_jax.diffusion.schedule import split_model_output
-from prism_jax.io import monitoring
 from prism_jax.methods import base, generate, rded, units
-from prism_jax.parallel import mesh as mesh_lib, multihost
+from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.patches import cluster as cluster_lib
 from prism_jax.patches import crops as crops_lib
 from prism_jax.train import precision
@@ -141,53 +139,37 @@ class DpsMethod(base.Method):
     with policy.scope():
       score_program, feature_program = units.compile_rows(score, mesh), units.compile_rows(feature, mesh)
     placed = mesh_lib.replicate({"dit": prior.variables, "vae": prior.vae_variables}, mesh)
-    store = units.Units(ctx.unit_dir, ctx.tag)
-    progress = monitoring.Progress(ctx.tag, dataset.num_classes, unit="class", items_per_step=r["mipc"] * r["num_crop"],
-                                   item_unit="crop", interval_s=ctx.config.progress_interval_s)
     print(f"[{ctx.tag}] DPS: {r['mipc']} images x {r['num_crop']} crops per class, {r['n_draws']} draws, "
           f"{r['clusters']} clusters (top {r['top_clusters']}), factor {factor}, {ipc} images per class", flush=True)
-    start, results = time.perf_counter(), []
-    for klass in range(dataset.num_classes):
-      def make(klass=klass):
-        chosen = rded.candidate_indices(dataset, r["seed"], "dps/images", klass, r["mipc"])
-        images = dataset.read("train", chosen)
-        boxes = np.stack([rded.crop_boxes(r["seed"], "dps/crops", klass, t, r["num_crop"], size, r["scale"],
-                                          r["ratio"]) for t in chosen])
-        patches = np.stack([crops_lib.crop_resize(images[i], box, size)
-                            for i in range(len(chosen)) for box in boxes[i]])
-        crop_ids = np.array([(klass, t, j) for t in chosen for j in range(r["num_crop"])])
-        y = prior.model_labels(np.full(len(patches), klass))
-        keys = units.unit_keys(r["seed"], "dps/draws", crop_ids)
-        with policy.scope():
-          scores = units.map_rows(score, placed, {"x": patches, "y": y, "key": keys}, mesh, per_device=per_device,
-                                  jitted=score_program)["r"].reshape(len(chosen), r["num_crop"])
-        best = scores.argmin(1) if r["select"] == "min" else scores.argmax(1)
-        rows = np.arange(len(chosen))
-        kept = patches.reshape(len(chosen), r["num_crop"], size, size, 3)[rows, best]
-        kept_r = scores[rows, best]
-        fkeys = units.unit_keys(r["seed"], "dps/feature_noise", np.stack([np.full(len(chosen), klass), chosen], 1))
-        with policy.scope():
-          phi = units.map_rows(feature, placed, {"x": kept, "y": prior.model_labels(np.full(len(kept), klass)), "key": fkeys}, mesh,
-                               per_device=per_device, jitted=feature_program)["phi"]
-        picked = cluster_lib.select(phi, kept_r, ipc * cells, clusters=r["clusters"], top_clusters=r["top_clusters"],
-                                    rng=units.unit_rng(r["seed"], "dps/kmeans", klass),
-                                    lowest_first=r["select"] == "min")
-        order = picked["index"]
-        cell = size // factor
-        ranked = kept[order] if factor == 1 else np.stack([crops_lib.resize(p, cell) for p in kept[order]])
-        stitched, which = crops_lib.stitch(ranked, ipc, factor, size)
-        return {"images": stitched, "train_index": chosen[order][which], "box": boxes[rows, best][order][which],
-                "score": kept_r[order][which], "cluster": picked["cluster"][which],
-                "cluster_rank": picked["cluster_rank"][which], "member_rank": picked["member_rank"][which],
-                "kept_score": kept_r, "kept_cluster": picked["assignment"]}
-      results.append(store.get_or_make(f"class_{klass:05d}", f"dps class {klass}", make))
-      progress.update(klass + 1)
-    meta = {"num_images": ipc * dataset.num_classes, "class_names": list(dataset.class_names),
-            "units_reused": store.reused}
-    if multihost.is_main_process():
-      self._write(ctx, r, results)
-      meta["wall_seconds_last_run"] = time.perf_counter() - start
-    return meta
+
+    def make(klass):
+      chosen, boxes, patches = rded.class_candidates(dataset, r, NAME, klass, size)
+      crop_ids = np.array([(klass, t, j) for t in chosen for j in range(r["num_crop"])])
+      y = prior.model_labels(np.full(len(patches), klass))
+      keys = units.unit_keys(r["seed"], "dps/draws", crop_ids)
+      with policy.scope():
+        scores = units.map_rows(score, placed, {"x": patches, "y": y, "key": keys}, mesh, per_device=per_device,
+                                jitted=score_program)["r"].reshape(len(chosen), r["num_crop"])
+      best = scores.argmin(1) if r["select"] == "min" else scores.argmax(1)
+      rows = np.arange(len(chosen))
+      kept = patches.reshape(len(chosen), r["num_crop"], size, size, 3)[rows, best]
+      kept_r = scores[rows, best]
+      fkeys = units.unit_keys(r["seed"], "dps/feature_noise", np.stack([np.full(len(chosen), klass), chosen], 1))
+      with policy.scope():
+        kept_y = prior.model_labels(np.full(len(kept), klass))
+        phi = units.map_rows(feature, placed, {"x": kept, "y": kept_y, "key": fkeys}, mesh, per_device=per_device,
+                             jitted=feature_program)["phi"]
+      picked = cluster_lib.select(phi, kept_r, ipc * cells, clusters=r["clusters"], top_clusters=r["top_clusters"],
+                                  rng=units.unit_rng(r["seed"], "dps/kmeans", klass),
+                                  lowest_first=r["select"] == "min")
+      order = picked["index"]
+      cell = size // factor
+      ranked = kept[order] if factor == 1 else np.stack([crops_lib.resize(p, cell) for p in kept[order]])
+      stitched, which = crops_lib.stitch(ranked, ipc, factor, size)
+      return {"images": stitched, "train_index": chosen[order][which], "box": boxes[rows, best][order][which],
+              "score": kept_r[order][which], "cluster": picked["cluster"][which],
+              "cluster_rank": picked["cluster_rank"][which], "member_rank": picked["member_rank"][which]}
+    return rded.run_per_class(ctx, r, NAME, make, lambda results: self._write(ctx, r, results))
 
   def _write(self, ctx, r, results):
     rded.write_patch_set(ctx, r, results, NAME, {"select": r["select"]},

@@ -91,7 +91,6 @@ def _initial(keys, *, shape):
 class DitMethod(base.Method):
   name = "dit"
   description = "class-conditional DiT samples (DDIM + classifier-free guidance)"
-  guided = False
 
   def default_settings(self, config):
     c = ml_collections.ConfigDict()
@@ -228,7 +227,6 @@ class DitMethod(base.Method):
 class DapMethod(DitMethod):
   name = "dap"
   description = "DAP: DiT sampling guided by the representativeness prior of its own features"
-  guided = True
 
   def default_settings(self, config):
     c = super().default_settings(config)

@@ -112,6 +112,39 @@ def crop_boxes(seed: int, purpose: str, klass: int, train_index: int, num_crop: 
   return np.array([crops_lib.random_resized_crop_box(rng, size, size, scale, ratio) for _ in range(num_crop)])
 
 
+def class_candidates(dataset, r: dict, method: str, klass: int, crop_size: int):
+  """(training indices, crop boxes (n, num_crop, 4), crops (n * num_crop, s, s, 3) uint8) of a class:
+  the seeded candidate images and their random-resized crops at `crop_size` px."""
+  size = dataset.image_size
+  chosen = candidate_indices(dataset, r["seed"], f"{method}/images", klass, r["mipc"])
+  images = dataset.read("train", chosen)
+  boxes = np.stack([crop_boxes(r["seed"], f"{method}/crops", klass, t, r["num_crop"], size, r["scale"], r["ratio"])
+                    for t in chosen])
+  patches = np.stack([crops_lib.crop_resize(images[i], box, crop_size)
+                      for i in range(len(chosen)) for box in boxes[i]])
+  return chosen, boxes, patches
+
+
+def run_per_class(ctx, r: dict, method: str, make_class, write) -> dict:
+  """A patch method's units, one class each (kept in units/class_NNNNN.npz): `make_class(klass)` makes a
+  class's arrays; `write(results)` writes the set on process 0. Returns the marker's fields."""
+  dataset = ctx.dataset
+  store = units.Units(ctx.unit_dir, ctx.tag)
+  progress = monitoring.Progress(ctx.tag, dataset.num_classes, unit="class", items_per_step=r["mipc"] * r["num_crop"],
+                                 item_unit="crop", interval_s=ctx.config.progress_interval_s)
+  start, results = time.perf_counter(), []
+  for klass in range(dataset.num_classes):
+    results.append(store.get_or_make(f"class_{klass:05d}", f"{method} class {klass}",
+                                     lambda klass=klass: make_class(klass)))
+    progress.update(klass + 1)
+  meta = {"num_images": r["ipc"] * dataset.num_classes, "class_names": list(dataset.class_names),
+          "units_reused": store.reused}
+  if multihost.is_main_process():
+    write(results)
+    meta["wall_seconds_last_run"] = time.perf_counter() - start
+  return meta
+
+
 def by_ipc_then_class(per_class: list[np.ndarray]) -> np.ndarray:
   """Row order of a set (IPC index major, class minor) from per-class (IPC, ...) arrays."""
   return np.stack(per_class, axis=1).reshape((-1,) + per_class[0].shape[1:])
@@ -171,43 +204,26 @@ class RdedMethod(base.Method):
     with policy.scope():
       program = units.compile_rows(score, mesh)
     placed = mesh_lib.replicate(variables, mesh)
-    store = units.Units(ctx.unit_dir, ctx.tag)
-    progress = monitoring.Progress(ctx.tag, dataset.num_classes, unit="class", items_per_step=r["mipc"] * r["num_crop"],
-                                   item_unit="crop", interval_s=ctx.config.progress_interval_s)
     print(f"[{ctx.tag}] RDED: observer {r['observer']}, {r['mipc']} images x {r['num_crop']} crops per class, "
           f"factor {factor}, {ipc} images per class", flush=True)
-    start = time.perf_counter()
-    results = []
-    for klass in range(dataset.num_classes):
-      def make(klass=klass):
-        chosen = candidate_indices(dataset, r["seed"], "rded/images", klass, r["mipc"])
-        images = dataset.read("train", chosen)
-        boxes = np.stack([crop_boxes(r["seed"], "rded/crops", klass, t, r["num_crop"], size, r["scale"], r["ratio"])
-                          for t in chosen])                                   # (n, num_crop, 4)
-        patches = np.stack([crops_lib.crop_resize(images[i], box, crop_size)
-                            for i in range(len(chosen)) for box in boxes[i]])  # (n * num_crop, s, s, 3)
-        x = (patches.astype(np.float32) / 255.0 - mean) / std
-        if factor > 1:
-          x = crops_lib.pad_centered(x, size)
-        y = np.full(len(x), klass, np.int32)
-        with policy.scope():
-          ce = units.map_rows(score, placed, {"x": x, "y": y}, mesh, jitted=program)["ce"]
-        ce = ce.reshape(len(chosen), r["num_crop"])
-        best = ce.argmin(1)                                                  # each image's best crop
-        kept_ce = ce[np.arange(len(chosen)), best]
-        order = np.argsort(kept_ce, kind="stable")[:ipc * cells]             # the class's best crops
-        ranked = patches.reshape(len(chosen), r["num_crop"], crop_size, crop_size, 3)[order, best[order]]
-        stitched, which = crops_lib.stitch(ranked, ipc, factor, size)
-        return {"images": stitched, "train_index": chosen[order][which], "box": boxes[order, best[order]][which],
-                "score": kept_ce[order][which], "rank": which}
-      results.append(store.get_or_make(f"class_{klass:05d}", f"rded class {klass}", make))
-      progress.update(klass + 1)
-    meta = {"num_images": ipc * dataset.num_classes, "class_names": list(dataset.class_names),
-            "units_reused": store.reused}
-    if multihost.is_main_process():
-      self._write(ctx, r, results)
-      meta["wall_seconds_last_run"] = time.perf_counter() - start
-    return meta
+
+    def make(klass):
+      chosen, boxes, patches = class_candidates(dataset, r, NAME, klass, crop_size)
+      x = (patches.astype(np.float32) / 255.0 - mean) / std
+      if factor > 1:
+        x = crops_lib.pad_centered(x, size)
+      y = np.full(len(x), klass, np.int32)
+      with policy.scope():
+        ce = units.map_rows(score, placed, {"x": x, "y": y}, mesh, jitted=program)["ce"]
+      ce = ce.reshape(len(chosen), r["num_crop"])
+      best = ce.argmin(1)                                                  # each image's best crop
+      kept_ce = ce[np.arange(len(chosen)), best]
+      order = np.argsort(kept_ce, kind="stable")[:ipc * cells]             # the class's best crops
+      ranked = patches.reshape(len(chosen), r["num_crop"], crop_size, crop_size, 3)[order, best[order]]
+      stitched, which = crops_lib.stitch(ranked, ipc, factor, size)
+      return {"images": stitched, "train_index": chosen[order][which], "box": boxes[order, best[order]][which],
+              "score": kept_ce[order][which], "rank": which}
+    return run_per_class(ctx, r, NAME, make, lambda results: self._write(ctx, r, results))
 
   def _write(self, ctx, r, results):
     write_patch_set(ctx, r, results, NAME, {"observer": r["observer"]}, ("score", "rank"))

@@ -2,7 +2,7 @@
 mesh, and finished units kept on disk so a killed run resumes where it stopped.
 
 Randomness: every draw of a method is a function of (seed, purpose, class, index, ...) only —
-`unit_key` for JAX draws, `unit_rng` for host draws — never of the batch a unit runs in or of the
+`unit_keys` for JAX draws, `unit_rng` for host draws — never of the batch a unit runs in or of the
 device count, so 1 and 8 devices (and a resumed run) make the same set.
 
 `map_rows(fn, variables, rows, mesh)` runs `fn(variables, batch)` over the rows of a dict of host
@@ -24,7 +24,6 @@ import zlib
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prism_jax.io import artifacts, fs, preemption
@@ -37,16 +36,9 @@ def purpose_id(purpose: str) -> int:
   return zlib.crc32(purpose.encode()) & 0x7FFFFFFF
 
 
-def unit_key(seed: int, purpose: str, *indices: int) -> jax.Array:
-  """The JAX key of one unit's draw: fold_in(PRNGKey(seed), purpose, *indices)."""
-  key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), purpose_id(purpose))
-  for index in indices:
-    key = jax.random.fold_in(key, int(index))
-  return key
-
-
 def unit_keys(seed: int, purpose: str, index_rows: np.ndarray) -> jax.Array:
-  """`unit_key` of each row of an (N, k) integer array (N keys, computed in one program)."""
+  """The JAX key of each row of an (N, k) integer array: fold_in(PRNGKey(seed), purpose, *row) (N keys,
+  computed in one program)."""
   index_rows = np.asarray(index_rows, np.int32).reshape(len(index_rows), -1)
   base = jax.random.fold_in(jax.random.PRNGKey(int(seed)), purpose_id(purpose))
 
@@ -101,10 +93,6 @@ def to_host(tree):
       return np.asarray(x.addressable_shards[0].data)
     return np.asarray(x)
   return jax.tree_util.tree_map(get, tree)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 class Units:
