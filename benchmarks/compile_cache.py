@@ -12,7 +12,7 @@ the other seconds, and the compile share of the wall time.
 Runs:
   quickstart     configs/quickstart.py, every stage (squeeze, recover, relabel, train, evaluate)
   cifar10_recover  the CIFAR-10 PRISM recover of configs/cifar10_prism.py:ipc10 (5 BN/logit teachers,
-                 bernoulli sets drawn per IPC index, one static-gating program per distinct set) with
+                 bernoulli sets drawn per IPC index; static gating: one program per teacher, plus two) with
                  random-weight width-0.25 teachers and the quality benchmark's small budget
                  (T = 120 - 10 (i mod 8)): the stage is the same, the teachers need no training.
 """

@@ -81,20 +81,39 @@ def lower(teachers, names, size, classes, iterations, ce_names, bn_names, sequen
   state = {k: put(x) for k, x in state.items()}
   args = tuple(put(x) for x in args)
   fn = jax.jit(functools.partial(engine.run_iterations, mesh=mesh),
-               static_argnames=("models", "cfg", "active"), donate_argnums=(0,))
+               static_argnames=("models", "cfg"), donate_argnums=(0,))
   m = tuple(t[0] for t in teachers)
   v = mesh_lib.replicate(tuple(t[1] for t in teachers), mesh)
   return fn, state, args, v, m, cfg
 
 
 def run_steps(fn, state, fargs, v, m, cfg, start, stop, gating):
-  """Iterations [start, stop) as the recover stage runs them with this teacher gating."""
+  """Iterations [start, stop) as the recover stage runs them with this teacher gating (`fn` from
+  `lower`: the one-program loop of `cond` gating; static gating runs `engine.static_iteration`)."""
   if gating == "cond":
     return fn(state, *fargs, v, np.int32(start), np.int32(stop), models=m, cfg=cfg)
   active = tuple(range(len(m)))
   for t in range(start, stop):
-    state = fn(state, *fargs, v, np.int32(t), np.int32(t + 1), models=m, cfg=cfg, active=active)
+    state = engine.static_iteration(state, *fargs, v, np.int32(t), models=m, cfg=cfg, mesh=mesh_lib.make_mesh(1),
+                                    active=active)
   return state
+
+
+def static_cost(state, fargs, v, m, cfg, active) -> dict:
+  """XLA's cost and memory analysis of one static-gating iteration (every teacher in `active`):
+  FLOPs summed over its programs (none has a loop or a conditional for the cost model to guess),
+  the largest program's temporary memory and its arguments."""
+  flops, temp, arguments = 0.0, 0, 0
+  for lowered in engine.static_lowered(state, *fargs, v, np.int32(0), models=m, cfg=cfg, mesh=mesh_lib.make_mesh(1),
+                                       active=active):
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops += float(cost.get("flops", float("nan")))
+    mem = compiled.memory_analysis()
+    if mem.temp_size_in_bytes >= temp:
+      temp, arguments = mem.temp_size_in_bytes, mem.argument_size_in_bytes
+  return {"flops": flops, "temp_bytes": temp, "argument_bytes": arguments}
 
 
 def part_throughput(args):
@@ -171,12 +190,7 @@ def part_flops(args):
                                ("separate logit + BN forwards", ("resnet18", "resnet18"), {0}, {1}),
                                ("logits only (CE)", ("resnet18",), {0}, set())):
     fn, state, fargs, v, m, cfg = lower(teachers * len(names), names, size, args.flops_batch, 2, ce, bn)
-    # One iteration with a static teacher set: no loop or conditional for the cost model to guess.
-    lowered = fn.lower(state, *fargs, v, np.int32(0), np.int32(1), models=m, cfg=cfg,
-                       active=tuple(range(len(names))))
-    cost = lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out[label] = float(cost.get("flops", float("nan")))
+    out[label] = static_cost(state, fargs, v, m, cfg, tuple(range(len(names))))["flops"]
     print(f"  {label:30} {out[label] / 1e9:9.2f} GFLOP per iteration ({args.flops_batch} images)",
           flush=True)
   return out

@@ -27,7 +27,8 @@ instead of `prism`; `small_hard@<workdir>` trains the sets another run made (`<w
       --workdir workdirs/c10_compare_hard --config.data.path=/path/to/cifar10
 
 `small_full` trains the full-data reference of DD-Ranking's hard-label recovery (a student on all
-50,000 training images with hard labels, the budget's student settings); pass its top-1 and the
+50,000 training images with hard labels, the budget's student width, for 2 epochs and one seed:
+the student's 100 epochs on 50,000 images would take about 9 hours here); pass its top-1 and the
 hard-label run to the comparison's evaluate stage for HLR and LRS:
 
   python -m prism_jax.main --config configs/cifar10_compare.py:small_full --workdir workdirs/c10_full
@@ -67,15 +68,19 @@ BUDGETS = {
     # squeeze: teacher width, images per class, epochs; recover: T (PRISM varies it by 1/8 steps);
     # train: student width, epochs, evaluation interval, seeds.
     # diffusion: DiT size, training steps and batch (pixel space); sampling steps; DPS/RDED candidates.
+    # full: epochs and seeds of the full-data reference student (`<budget>_full`).
     "small": dict(teacher_width=0.25, max_per_class=1000, teacher_epochs=2, iterations=120, iteration_step=10,
                   student_width=0.25, student_epochs=100, eval_every=50, seeds=(0, 1),
-                  dit="T/2", dit_steps=1500, dit_batch=64, sample_steps=50, mipc=300, n_draws=4),
+                  dit="T/2", dit_steps=1500, dit_batch=64, sample_steps=50, mipc=300, n_draws=4,
+                  full_epochs=2, full_seeds=(0,)),
     "smoke": dict(teacher_width=0.125, max_per_class=50, teacher_epochs=1, iterations=8, iteration_step=1,
                   student_width=0.125, student_epochs=2, eval_every=1, seeds=(0,),
-                  dit="T/2", dit_steps=4, dit_batch=16, sample_steps=4, mipc=40, n_draws=1),
+                  dit="T/2", dit_steps=4, dit_batch=16, sample_steps=4, mipc=40, n_draws=1,
+                  full_epochs=1, full_seeds=(0,)),
     "large": dict(teacher_width=1.0, max_per_class=0, teacher_epochs=60, iterations=1000, iteration_step=125,
                   student_width=1.0, student_epochs=300, eval_every=25, seeds=(0, 1, 2),
-                  dit="S/2", dit_steps=100_000, dit_batch=256, sample_steps=50, mipc=300, n_draws=8),
+                  dit="S/2", dit_steps=100_000, dit_batch=256, sample_steps=50, mipc=300, n_draws=8,
+                  full_epochs=300, full_seeds=(0, 1, 2)),
 }
 ARGS = ("small", "small_hard", "small_ipc50", "large")
 
@@ -144,9 +149,14 @@ FULL_IPC = 5000  # every CIFAR-10 training image
 
 def full_data_config(budget: dict):
   """The full-data reference of DD-Ranking's HLR: a student trained on the whole training split
-  under hard labels with the budget's student settings (`<budget>_full`, e.g. `small_full`); its
-  top-1 is `evaluate.full_data_top1` of the comparison."""
+  under hard labels with the budget's student settings except the epochs and seeds
+  (`full_epochs`, `full_seeds`: `small` trains 2 epochs of the 50,000 images, 100,000 samples,
+  since its 100 epochs would take about 9 hours on a 2-core CPU) (`<budget>_full`, e.g.
+  `small_full`); its top-1 is `evaluate.full_data_top1` of the comparison."""
   config = make_config(budget, ipc=FULL_IPC, protocol="hard_label", methods=())
+  config.train.epochs, config.train.seeds = int(budget["full_epochs"]), tuple(budget["full_seeds"])
+  config.train.eval_every_epochs = float(budget["full_epochs"])
+  config.stage = "distill,train"  # hard labels: no teachers; the 50,000-image set needs no evaluate report
   config.image_sets = ()
   common.add_method(config, "full_real", "random_real", ipc=FULL_IPC)
   config.evaluate.random_sets = ()

@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cli_utils import run_cli
 from prism_jax.io import compilation
@@ -67,3 +68,81 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
   assert compilation.default_cache_dir() == os.path.join(str(tmp_path), "prism_jax", "jax_cache")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
   assert compilation.default_cache_dir() == "/somewhere/else"
+
+
+def _counting_program(monkeypatch, directory):
+  from prism_jax.io import exported
+  monkeypatch.setattr(exported, "directory", lambda: directory)
+  traces = []
+
+  def scaled(x, y, *, power):
+    traces.append(power)  # runs only while tracing
+    return {"out": jnp.sin(x) ** power + y, "sum": jnp.sum(x)}
+
+  return exported, traces, scaled
+
+
+def test_exported_program_is_read_back_instead_of_traced(monkeypatch, tmp_path):
+  exported, traces, scaled = _counting_program(monkeypatch, str(tmp_path / "exported"))
+  x, y = jnp.linspace(0.0, 3.0, 12).reshape(3, 4), jnp.float32(0.5)
+  want = jax.jit(scaled, static_argnames=("power",))(x, y, power=3)
+  assert traces == [3]
+  first = exported.Program(scaled, static_argnames=("power",))
+  got = first(x, y, power=3)
+  assert traces == [3, 3] and first.exported == 1 and len(os.listdir(tmp_path / "exported")) == 1
+  # A new process's Program (here: a fresh object) reads the file: no tracing, bit-identical results.
+  second = exported.Program(scaled, static_argnames=("power",))
+  again = second(x, y, power=3)
+  assert traces == [3, 3] and second.loaded == 1 and second.exported == 0
+  for key in ("out", "sum"):
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(want[key]))
+  assert second.cache_size() >= 1
+  # Another static value or input type is another program; each is traced once.
+  second(x, y, power=2)
+  second(x[:2], y, power=3)
+  assert traces == [3, 3, 2, 3] and len(os.listdir(tmp_path / "exported")) == 3
+  # The key covers prism_jax's sources: a code change never calls a stale program.
+  monkeypatch.setattr(exported, "source_digest", lambda: "changed")
+  exported.Program(scaled, static_argnames=("power",))(x, y, power=3)
+  assert traces == [3, 3, 2, 3, 3]
+
+
+def test_damaged_export_is_made_again_and_off_means_plain_jit(monkeypatch, tmp_path):
+  directory = tmp_path / "exported"
+  exported, traces, scaled = _counting_program(monkeypatch, str(directory))
+  x, y = jnp.ones((2, 2)), jnp.float32(1.0)
+  want = exported.Program(scaled, static_argnames=("power",))(x, y, power=2)
+  (name,) = os.listdir(directory)
+  (directory / name).write_bytes((directory / name).read_bytes()[:100])  # truncated
+  fresh = exported.Program(scaled, static_argnames=("power",))
+  np.testing.assert_array_equal(np.asarray(fresh(x, y, power=2)["out"]), np.asarray(want["out"]))
+  assert fresh.loaded == 0 and fresh.exported == 1 and len(traces) == 2
+  assert (directory / name).stat().st_size > 100  # whole again
+  # A static argument whose repr holds an object address cannot be keyed: traced, never written.
+  class Opaque:
+    pass
+  exported.Program(lambda x, *, tag: x + 1, static_argnames=("tag",))(x, tag=Opaque())
+  assert os.listdir(directory) == [name]
+  # The persistent cache off (no directory): plain jax.jit, no files.
+  monkeypatch.setattr(exported, "directory", lambda: None)
+  off = exported.Program(scaled, static_argnames=("power",))
+  np.testing.assert_array_equal(np.asarray(off(x, y, power=2)["out"]), np.asarray(want["out"]))
+  assert off.exported == off.loaded == 0 and len(traces) == 3
+
+
+def test_teacher_shapes_are_kept_beside_the_exports(monkeypatch, tmp_path):
+  from prism_jax.io import exported
+  from prism_jax.models import torchvision_import
+  import prism_jax.models as models
+  monkeypatch.setattr(exported, "directory", lambda: str(tmp_path))
+  model = models.create_model("resnet18", num_classes=3, stem="small", width=0.125)
+  calls = []
+
+  def expected():
+    calls.append(1)
+    return torchvision_import.expected_variables(model, (1, 8, 8, 3))
+
+  first = exported.leaf_shapes(expected, name="model_variables", static={"model": model, "x": (1, 8, 8, 3)})
+  second = exported.leaf_shapes(expected, name="model_variables", static={"model": model, "x": (1, 8, 8, 3)})
+  assert first == second and len(calls) == 1 and first[("params", "fc", "kernel")] == (64, 3)

@@ -349,6 +349,8 @@ def test_the_compare_config_is_one_multi_method_run():
   assert hard.image_sets[0] == "runs/c10/sets/random_real/distill" and hard.teachers_dir == "runs/c10/teachers"
   full = cifar10_compare.get_config("small_full")
   assert full.image_sets == ("full_real",) and full.methods.full_real.settings.ipc == 5000
+  assert full.stage == "distill,train" and full.train.protocol == "hard_label"
+  assert (full.train.epochs, tuple(full.train.seeds)) == (2, (0,)) and full.train.width == c.train.width
   # One protocol for all: the only per-set settings are the methods' own.
   assert requests["sre2l"].settings.init == "noise" and requests["prism"].settings.init == "real"
   assert requests["prism_intra"].settings.strategy == "intra" and c.train.protocol == "prism"

@@ -254,7 +254,7 @@ def test_sigterm_mid_wave_saves_the_iteration_and_a_rerun_resumes(assets, eight_
   import signal
   from prism_jax.io import preemption
   workdir8, _ = eight_device_run
-  real = runner._compiled_step()
+  real = engine.static_iteration  # the CPU default gating
   calls = []
 
   def step_then_sigterm(*args, **kwargs):  # the notice arrives during the second iteration of wave 0
@@ -263,12 +263,12 @@ def test_sigterm_mid_wave_saves_the_iteration_and_a_rerun_resumes(assets, eight_
       os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(runner, "_compiled_step", lambda: step_then_sigterm)
+  monkeypatch.setattr(engine, "static_iteration", step_then_sigterm)
   workdir = str(tmp_path)
   with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) in wave00000 at iteration 3/6"):
     ru.run_recover(make_config(assets), workdir, mesh_lib.make_mesh(1))
   assert os.path.exists(os.path.join(workdir, "recover", "waves", "wave00000.p0.partial.npz"))
-  monkeypatch.setattr(runner, "_compiled_step", lambda: real)
+  monkeypatch.setattr(engine, "static_iteration", real)
   capsys.readouterr()
   ru.run_recover(make_config(assets), workdir, mesh_lib.make_mesh(1))
   assert "wave00000: resuming at iteration 3/6" in capsys.readouterr().out
@@ -278,41 +278,51 @@ def test_sigterm_mid_wave_saves_the_iteration_and_a_rerun_resumes(assets, eight_
 
 
 def test_intra_recovery_keeps_a_bounded_number_of_programs_alive(assets, tmp_path, monkeypatch):
-  """Every iteration may draw a new teacher set (strategy 'intra'): the programs are bounded by the
-  number of distinct sets, never by iterations, at most runner.MAX_LIVE_PROGRAMS are alive at once,
-  and all are released when the recovery ends; the images do not depend on any of this."""
+  """Every iteration may draw a new teacher set (strategy 'intra'): static gating runs one program
+  per teacher drawn plus two, never one per set or per iteration, at most runner.MAX_LIVE_PROGRAMS
+  are alive at once, and all are released when the recovery ends; the images do not depend on any
+  of this."""
   def config():
     return make_config(assets, strategy="intra", distribution="bernoulli", k_max=2, bn_pool=("tiny_b",),
                        logit_pool=("tiny_b",), ipc=1, classes_per_batch=4, iterations=6, iteration_step=0,
                        iterations_per_call=6)
 
-  seen, live, releases = set(), [], []
-  real_bounded, real_release = runner._bounded_step, runner.release_programs
+  seen, live, releases, sets = set(), [], [], set()
+  real_track, real_release, real_iteration = runner._track_programs, runner.release_programs, engine.static_iteration
 
-  def bounded(key):
-    seen.add(key)
-    step = real_bounded(key)
-    live.append(len(runner._LIVE))
-    return step
+  def track(programs, width):
+    seen.update((p, width) for p in programs)
+    real_track(programs, width)
+    live.append((len(runner._LIVE), len(programs)))
 
-  def release():
-    releases.append(len(runner._LIVE))
+  def release():  # what is alive, in the bookkeeping and in JAX's own cache of compiled teacher programs
+    releases.append((len(runner._LIVE), engine._static_teacher.cache_size()))
     real_release()
 
-  monkeypatch.setattr(runner, "_bounded_step", bounded)
+  def iteration(*args, active, **kwargs):
+    sets.add(active)
+    return real_iteration(*args, active=active, **kwargs)
+
+  monkeypatch.setattr(runner, "_track_programs", track)
   monkeypatch.setattr(runner, "release_programs", release)
+  monkeypatch.setattr(engine, "static_iteration", iteration)
   unbounded = str(tmp_path / "unbounded")
   ru.run_recover(config(), unbounded, mesh_lib.make_mesh(1))
-  # 6 iterations, each drawing a teacher set, but only the distinct (non-empty) subsets of the 2
-  # teachers as programs.
-  assert 2 <= len(seen) <= 2 ** 2 - 1 and max(live) == len(seen) and releases == [len(seen)]
-  assert runner._LIVE == set()
-  limit = len(seen) - 1
+  # 6 iterations, each drawing a teacher set: several distinct sets of the 2 teachers, but only
+  # begin, end and one program per teacher.
+  used = {k for active in sets for k in active}
+  assert len(sets) >= 2 and used == {0, 1}
+  assert {p for p, _ in seen} == {"begin", "end", ("teacher", 0), ("teacher", 1)} and len(seen) == 4
+  assert max(n for n, _ in live) == len(seen) and releases == [(len(seen), 2)]  # 2 compiled teacher programs
+  assert runner._LIVE == set() and engine._static_teacher.cache_size() == 0
+  limit = 3
   monkeypatch.setattr(runner, "MAX_LIVE_PROGRAMS", limit)
   seen.clear(); live.clear(); releases.clear()
   bounded_dir = str(tmp_path / "bounded")
   ru.run_recover(config(), bounded_dir, mesh_lib.make_mesh(1))
-  assert max(live) <= limit and len(releases) >= 2  # released on the way, and at the end
+  # At most the limit alive, or one iteration's programs where those alone pass it; released on the
+  # way, and at the end.
+  assert all(n <= max(limit, needed) for n, needed in live) and len(releases) >= 2
   got, want = ru.wave_images(bounded_dir), ru.wave_images(unbounded)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key])

@@ -88,10 +88,16 @@ def load_teacher(teacher_dir: str, *, expected_class_names: Sequence[str] | None
 
 
 def check_variables_match(model, variables: Mapping[str, Any], *, image_size: int, source: str) -> None:
-  """Compares a variables tree with what `model` expects; names the first mismatching key."""
-  from prism_jax.models import torchvision_import
+  """Compares a variables tree with what `model` expects; names the first mismatching key. The
+  expected shapes are kept beside the compilation cache (io/exported.py: a rerun does not trace the
+  model's initializer again)."""
+  from prism_jax.io import exported
+  from prism_jax.models import torchvision_import, tree_paths
+  x_shape = (1, image_size, image_size, 3)
   try:
-    torchvision_import.check_variables_match(model, variables, (1, image_size, image_size, 3), source=source)
+    expected = exported.leaf_shapes(lambda: torchvision_import.expected_variables(model, x_shape),
+                                    name="model_variables", static={"model": model, "x_shape": x_shape})
+    tree_paths.check_flat_shapes(expected, variables, source=source)
   except ValueError as e:
     raise artifacts.ArtifactError(str(e)) from None
 

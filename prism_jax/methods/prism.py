@@ -86,8 +86,7 @@ class RecoverMethod(base.Method):
     teachers = teacher_store.load_teacher_set(
         order, ctx.teachers_dir, class_names=dataset.class_names, needed_by=f"the {ctx.request.field} config",
         dtype=precision.resolve(ctx.config, "recover").compute_dtype)
-    has_bn = {n: plan_lib.has_batch_norm(m, v, dataset.image_size)
-              for n, m, v in zip(teachers.names, teachers.models, teachers.variables)}
+    has_bn = {n: plan_lib.has_batch_norm(v) for n, v in zip(teachers.names, teachers.variables)}
     spec = plan_lib.selection_spec(rc)
     bn_candidates = spec.all_bn_teachers()
     bn_less = [t for t in bn_candidates if not has_bn[t]]

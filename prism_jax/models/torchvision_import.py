@@ -172,7 +172,7 @@ def _infer_num_classes(arch: str, state_dict: Mapping[str, Any]) -> int:
 def expected_state_dict_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
   """torch key -> shape that the port of `arch` expects (num_batches_tracked excluded)."""
   model = registry.create_model(arch, num_classes=num_classes, stem="imagenet", width=1.0)
-  expected = tree_paths.flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
+  expected = tree_paths.flat_shapes(expected_variables(model, (1, 224, 224, 3)))
   return {key: _torch_shape(kind, suffix, expected[path])
           for key, path, kind, suffix in _entries(KEY_MAPS[arch](arch))}
 
@@ -190,7 +190,7 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
   if num_classes is None:
     num_classes = _infer_num_classes(arch, state_dict)
   model = registry.create_model(arch, num_classes=num_classes, stem="imagenet", width=1.0)
-  expected = tree_paths.flat_shapes(_abstract_variables(model, (1, 224, 224, 3)))
+  expected = tree_paths.flat_shapes(expected_variables(model, (1, 224, 224, 3)))
 
   variables: dict[str, Any] = {}
   consumed = set()
@@ -214,10 +214,11 @@ def torchvision_state_dict_to_variables(arch: str, state_dict: Mapping[str, Any]
 def check_variables_match(model, variables: Mapping[str, Any], x_shape=(1, 32, 32, 3),
                           source: str = "variables") -> None:
   """Raises ValueError naming the first key whose presence or shape differs from `model`'s."""
-  tree_paths.check_shapes(_abstract_variables(model, x_shape), variables, source=source)
+  tree_paths.check_shapes(expected_variables(model, x_shape), variables, source=source)
 
 
-def _abstract_variables(model, x_shape) -> Any:
+def expected_variables(model, x_shape) -> Any:
+  """`model`'s variables tree as shapes (jax.eval_shape of its initializer on a batch `x_shape`)."""
   return jax.eval_shape(
       lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                          jnp.zeros(tuple(x_shape), jnp.float32), train=False))

@@ -37,7 +37,13 @@ def check_shapes(expected: Mapping[str, Any], got: Mapping[str, Any], *, source:
                  expected_by: str = "the model") -> None:
   """Raises ValueError naming the first key of `got` that is missing, mis-shaped or unexpected
   against `expected` (a variables tree, or its jax.eval_shape)."""
-  expected_shapes, got_shapes = flat_shapes(expected), flat_shapes(got)
+  check_flat_shapes(flat_shapes(expected), got, source=source, expected_by=expected_by)
+
+
+def check_flat_shapes(expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]], got: Mapping[str, Any], *,
+                      source: str, expected_by: str = "the model") -> None:
+  """`check_shapes` against expected shapes already flattened by `flat_shapes`."""
+  got_shapes = flat_shapes(got)
   for path, shape in expected_shapes.items():
     name = "/".join(path)
     if path not in got_shapes:

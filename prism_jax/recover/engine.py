@@ -19,13 +19,13 @@ switches to the naive form (one gradient of the summed loss, every teacher alway
 kept as the baseline for the memory benchmark. With `remat` (default) each teacher keeps only its
 top-level block outputs for the backward pass and recomputes the inside of a block when needed.
 
-On CPU (`recover.teacher_gating='static'`, the default there) a program runs one iteration and
-evaluates a static set of teachers (those any unit of the wave uses at that iteration) with no
-loop and no conditional, because XLA:CPU runs convolutions nested in a loop or a conditional
-about 3.5x slower; the host drives the iterations and one program is compiled per distinct
-teacher set (each teacher's part is traced once per process and replayed into every such program,
-see `_teacher_terms_jaxpr`). Images are the same either way (a teacher a unit does not use
-contributes exactly 0).
+On CPU (`recover.teacher_gating='static'`, the default there) the host drives the iterations and
+an iteration is a short sequence of programs with no loop and no conditional, because XLA:CPU runs
+convolutions nested in a loop or a conditional about 3.5x slower: one program prepares the
+iteration, one per teacher any unit of the wave uses at that iteration adds that teacher's terms,
+and one applies the pullback and the Adam step (`static_iteration`). The arithmetic is the one
+above in the same order, and there is one program per teacher rather than one per teacher set.
+Images are the same either way (a teacher a unit does not use contributes exactly 0).
 
 `teacher_pieces[k] = c > 1` splits a recovery batch into c pieces for teacher k and still takes
 the exact gradient of the whole-batch objective: a forward pass over the pieces sums each BN
@@ -38,11 +38,9 @@ activations shrink c-fold for one extra forward pass; this is how a memory-hungr
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -50,6 +48,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from prism_jax.data import augment as aug
+from prism_jax.io import exported
 from prism_jax.models import bn_stats
 from prism_jax.recover import objective
 
@@ -169,83 +168,57 @@ def teacher_loss_grad(x, labels, ce_weight, bn_weight, model, variables, cfg: St
   return grad, ce_weight * jnp.sum(ce_parts), bn_weight * bn_loss
 
 
-def _teacher_terms(augmented, labels, ce_weights, bn_weights, variables, *, model, cfg: StepConfig,
-                   pieces: int):
-  """One teacher's (grad, ce, bn) for each of a device's units (vmapped `teacher_loss_grad`)."""
+def _augment(images, aug_keys, cfg: StepConfig):
+  """The recovery augmentation of a device's units (one draw per unit) and its linear pullback."""
+  def sample(key):
+    return aug.sample_recover_aug_params(key, (cfg.image_size, cfg.image_size), cfg.jitter,
+                                         scale=cfg.rrc_scale, flip=cfg.flip)
+  params = jax.vmap(sample)(aug_keys)
+  return jax.vjp(lambda x: jax.vmap(aug.apply_recover_aug)(x, params), images)
+
+
+def _teacher_contribution(augmented, labels, ce_weights, bn_weights, model, variables, cfg: StepConfig,
+                          pieces: int):
+  """One teacher's (grad, ce, bn) for each of a device's units; ce_weights, bn_weights (L,) are its
+  weights. A unit that does not use the teacher gets exactly nothing from it (not 0 * a non-finite
+  value)."""
   fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, pieces)
-  return jax.vmap(fn)(augmented, labels, ce_weights, bn_weights)
+  grad, ce, bn = jax.vmap(fn)(augmented, labels, ce_weights, bn_weights)
+  used = (ce_weights > 0) | (bn_weights > 0)
+  return (jnp.where(used[:, None, None, None, None], grad, 0.0), jnp.where(used, ce, 0.0),
+          jnp.where(used, bn, 0.0))
 
 
-@functools.lru_cache(maxsize=64)
-def _teacher_terms_jaxpr(model, cfg: StepConfig, pieces: int, in_tree, in_avals, abstract_mesh):
-  """`_teacher_terms` traced once to a jaxpr for these static settings and input types.
-
-  Under static gating one program is traced per distinct teacher set (up to 2^n of them), and
-  each trace used to re-run every teacher's Flax forward pass, autodiff and vmap in Python: about
-  90% of the tracing time. A teacher's part of the program depends only on (model, cfg, pieces)
-  and the input types, so it is traced once per process and replayed into every later program
-  (`_replay_teacher_terms`). Replaying binds exactly the primitives, in the same order and with
-  the same parameters, that tracing `_teacher_terms` in place emits, so the programs (and their
-  persistent-cache keys and results) are unchanged: the lowered programs are byte-identical.
-  The key holds the full input types and the abstract mesh of the calling context (inside the
-  wave program's shard_map), so a jaxpr is only replayed where it was traced.
-  """
-  def flat_fn(*flat):
-    return _teacher_terms(*jax.tree_util.tree_unflatten(in_tree, flat), model=model, cfg=cfg,
-                          pieces=pieces)
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-      *(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in in_avals))
-  return closed, jax.tree_util.tree_structure(out_shape)
+def _with_image_prior(images, image_grad, bn_total, unit_used, cfg: StepConfig):
+  """Adds the TV / L2 image prior (when configured) of every unit that uses any teacher."""
+  if not (cfg.tv_weight or cfg.l2_weight):
+    return image_grad, bn_total
+  def prior_fn(x):
+    return cfg.tv_weight * objective.total_variation(x) + cfg.l2_weight * jnp.sqrt(jnp.sum(x * x))
+  prior, prior_grad = jax.vmap(jax.value_and_grad(prior_fn))(images)
+  active = jnp.any(unit_used, axis=1)
+  image_grad = image_grad + jnp.where(active[:, None, None, None, None], prior_grad, 0.0)
+  return image_grad, bn_total + jnp.where(active, prior, 0.0)
 
 
-def _replay_teacher_terms(model, cfg: StepConfig, pieces: int, *args):
-  """`_teacher_terms(*args, ...)` inside a trace, from the jaxpr cached by `_teacher_terms_jaxpr`."""
-  flat, in_tree = jax.tree_util.tree_flatten(args)
-  closed, out_tree = _teacher_terms_jaxpr(model, cfg, pieces, in_tree, tuple(map(jax.typeof, flat)),
-                                          jax.sharding.get_abstract_mesh())
-  return jax.tree_util.tree_unflatten(out_tree, jex_core.jaxpr_as_fun(closed)(*flat))
-
-
-def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, cfg: StepConfig,
-                    active: tuple[int, ...] | None = None):
+def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, cfg: StepConfig):
   """Gradients w.r.t. the images of a device's units, plus each unit's CE and BN loss.
 
   images (L, C, H, W, 3); labels (L, C); aug_keys (L,) keys; ce_weights, bn_weights (L, n): the
   teachers' weights at this iteration (ce 1 for the unit's logit teacher, bn r_bn / K for its BN
   teachers, all 0 for a frozen unit). `teachers` is a tuple of (model, variables) in cfg order.
+  This is the one-program form (teachers behind conditionals, or the naive joint gradient); static
+  gating runs the same terms as separate programs (`static_iteration`).
   """
-  def sample(key):
-    return aug.sample_recover_aug_params(key, (cfg.image_size, cfg.image_size), cfg.jitter,
-                                         scale=cfg.rrc_scale, flip=cfg.flip)
-  params = jax.vmap(sample)(aug_keys)
-  augmented, pullback = jax.vjp(lambda x: jax.vmap(aug.apply_recover_aug)(x, params), images)
-  units = images.shape[0]
-  zero = jnp.zeros((units,), jnp.float32)
+  augmented, pullback = _augment(images, aug_keys, cfg)
+  zero = jnp.zeros((images.shape[0],), jnp.float32)
   unit_used = (ce_weights > 0) | (bn_weights > 0)                     # (L, n)
-
-  def one_teacher(k):
-    model, variables = teachers[k]
-    if active is not None:  # static gating: one program per teacher set, see _teacher_terms_jaxpr
-      grad, ce, bn = _replay_teacher_terms(model, cfg, cfg.pieces(k), augmented, labels,
-                                           ce_weights[:, k], bn_weights[:, k], variables)
-    else:
-      fn = lambda x, y, cw, bw: teacher_loss_grad(x, y, cw, bw, model, variables, cfg, cfg.pieces(k))
-      grad, ce, bn = jax.vmap(fn)(augmented, labels, ce_weights[:, k], bn_weights[:, k])
-    used = unit_used[:, k]
-    # A unit that does not use teacher k gets exactly nothing from it (not 0 * a non-finite value).
-    return (jnp.where(used[:, None, None, None, None], grad, 0.0), jnp.where(used, ce, 0.0),
-            jnp.where(used, bn, 0.0))
-
-  if active is not None:
-    grad, ce_total, bn_total = jnp.zeros_like(augmented), zero, zero
-    for k in active:
-      g, ce, bn = one_teacher(k)
-      grad, ce_total, bn_total = grad + g, ce_total + ce, bn_total + bn
-  elif cfg.sequential_teachers:
+  if cfg.sequential_teachers:
     carry = (jnp.zeros_like(augmented), zero, zero)
-    for k in range(len(teachers)):
-      def run_teacher(carry, k=k):
-        grad, ce, bn = one_teacher(k)
+    for k, (model, variables) in enumerate(teachers):
+      def run_teacher(carry, k=k, model=model, variables=variables):
+        grad, ce, bn = _teacher_contribution(augmented, labels, ce_weights[:, k], bn_weights[:, k], model,
+                                             variables, cfg, cfg.pieces(k))
         return carry[0] + grad, carry[1] + ce, carry[2] + bn
       carry = jax.lax.cond(jnp.any(unit_used[:, k]), run_teacher, lambda carry: carry, carry)
     grad, ce_total, bn_total = carry
@@ -260,13 +233,7 @@ def group_loss_grad(images, labels, aug_keys, ce_weights, bn_weights, teachers, 
     grad_fn = jax.value_and_grad(joint_loss, has_aux=True)
     (_, (ce_total, bn_total)), grad = jax.vmap(grad_fn)(augmented, labels, ce_weights, bn_weights)
   (image_grad,) = pullback(grad)
-  if cfg.tv_weight or cfg.l2_weight:
-    def prior_fn(x):
-      return cfg.tv_weight * objective.total_variation(x) + cfg.l2_weight * jnp.sqrt(jnp.sum(x * x))
-    prior, prior_grad = jax.vmap(jax.value_and_grad(prior_fn))(images)
-    active = jnp.any(unit_used, axis=1)
-    image_grad = image_grad + jnp.where(active[:, None, None, None, None], prior_grad, 0.0)
-    bn_total = bn_total + jnp.where(active, prior, 0.0)
+  image_grad, bn_total = _with_image_prior(images, image_grad, bn_total, unit_used, cfg)
   return image_grad, ce_total, bn_total
 
 
@@ -284,14 +251,18 @@ def adam_update(images, m, v, grad, t, total, cfg: StepConfig):
   return jnp.clip(images, low, high), m, v
 
 
-def iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg: StepConfig,
-              active: tuple[int, ...] | None = None):
-  """One iteration t of a device's units (L of them); units with t >= T_u are left unchanged."""
+def _iteration_inputs(t, keys, totals, ce_weights, bn_weights):
+  """(live, ce_t, bn_t, step_keys) of iteration t: units with t >= T_u get all-zero weights."""
   live = t < totals                                                     # (L,)
   ce_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(ce_weights, t, 1, False), 0.0)
   bn_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(bn_weights, t, 1, False), 0.0)
   step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
-  grad, ce, bn = group_loss_grad(st["images"], labels, step_keys, ce_t, bn_t, teachers, cfg, active)
+  return live, ce_t, bn_t, step_keys
+
+
+def _apply_update(st, t, totals, live, grad, ce, bn, cfg: StepConfig):
+  """The Adam step of every live unit whose loss is finite; a non-finite loss freezes the unit and
+  records the iteration."""
   update = jax.vmap(adam_update, in_axes=(0, 0, 0, 0, None, 0, None))
   images, m, v = update(st["images"], st["adam_m"], st["adam_v"], grad, t,
                         jnp.maximum(totals, 1), cfg)
@@ -304,21 +275,22 @@ def iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg
           "nonfinite_at": jnp.where(live & ~finite & (st["nonfinite_at"] < 0), t, st["nonfinite_at"])}
 
 
+def iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg: StepConfig):
+  """One iteration t of a device's units (L of them); units with t >= T_u are left unchanged."""
+  live, ce_t, bn_t, step_keys = _iteration_inputs(t, keys, totals, ce_weights, bn_weights)
+  grad, ce, bn = group_loss_grad(st["images"], labels, step_keys, ce_t, bn_t, teachers, cfg)
+  return _apply_update(st, t, totals, live, grad, ce, bn, cfg)
+
+
 def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables,
-                   start, stop, *, models: tuple, cfg: StepConfig, mesh,
-                   active: tuple[int, ...] | None = None):
-  """Runs iterations [start, min(stop, T_u)) of every unit u of a wave.
+                   start, stop, *, models: tuple, cfg: StepConfig, mesh):
+  """Runs iterations [start, min(stop, T_u)) of every unit u of a wave in one program (`cond` gating).
 
   Shapes (W = units in the wave, a multiple of the mesh size): state arrays (W, C, H, W, 3) / (W,);
   unit_keys (W, 2) uint32 key data; labels (W, C); totals (W,) iteration counts T_u (0 for padding
-  units); ce_weights, bn_weights (W, T_max, n_teachers) per-iteration teacher weights.
-
-  With `active` (static teacher indices: the teachers any unit of the wave uses at iteration
-  `start`), the program runs the single iteration t = `start` (`stop` is ignored), evaluates
-  exactly those teachers and contains no loop and no conditional. That is the CPU path: XLA:CPU
-  runs convolutions inside a loop body or a conditional branch about 3.5x slower than at the top
-  level of a program, so there the host drives the iterations. Without `active` the iterations
-  run in a `fori_loop` with every teacher behind a `lax.cond` (accelerators).
+  units); ce_weights, bn_weights (W, T_max, n_teachers) per-iteration teacher weights. The
+  iterations run in a `fori_loop` with every teacher behind a `lax.cond` (accelerators); the CPU
+  path is `static_iteration`.
   """
   teachers_static = tuple(models)
   wave = P(mesh.axis_names[0])
@@ -328,16 +300,107 @@ def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, tea
     keys = jax.vmap(jax.random.wrap_key_data)(unit_keys)
 
     def body(t, st):
-      return iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg, active)
+      return iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg)
 
-    if active is not None:
-      return body(start, state)
     end = jnp.maximum(start, jnp.minimum(stop, jnp.max(totals)))
     return jax.lax.fori_loop(start, end, body, state)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(wave,) * 6 + (P(), P(), P()), out_specs=wave,
                        check_vma=False)(state, unit_keys, labels, totals, ce_weights, bn_weights,
                                         teacher_variables, start, stop)
+
+
+# Static gating (the CPU path): one iteration is a sequence of small programs driven by the host,
+# none with a loop or a conditional (XLA:CPU runs convolutions inside a loop body or a conditional
+# branch about 3.5x slower than at the top level of a program):
+#   begin        the iteration's teacher weights, the augmented images, zero accumulators;
+#   teacher k    for each teacher any unit of the wave uses at this iteration (in cfg order): adds
+#                its (grad, ce, bn) to the accumulators;
+#   end          the augmentation's pullback of the summed gradient, the image prior, Adam.
+# That is the arithmetic of one iteration of `run_iterations`, in the same order, so the images are
+# the same; but the programs are one per teacher (plus two) and per wave width, where one program per
+# iteration would need one per distinct teacher set drawn (up to 2^n - 1, each re-tracing and
+# re-compiling every teacher it holds).
+
+
+def _wave_map(fn, mesh, n_in: int, n_replicated: int = 0, n_scalar: int = 0):
+  wave = P(mesh.axis_names[0])
+  return jax.shard_map(fn, mesh=mesh, in_specs=(wave,) * n_in + (P(),) * (n_replicated + n_scalar),
+                       out_specs=wave, check_vma=False)
+
+
+def _static_begin(images, unit_keys, totals, ce_weights, bn_weights, t, *, cfg: StepConfig, mesh):
+  def local(images, unit_keys, totals, ce_weights, bn_weights, t):
+    keys = jax.vmap(jax.random.wrap_key_data)(unit_keys)
+    _, ce_t, bn_t, step_keys = _iteration_inputs(t, keys, totals, ce_weights, bn_weights)
+    augmented, _ = _augment(images, step_keys, cfg)
+    zero = jnp.zeros((images.shape[0],), jnp.float32)
+    return augmented, ce_t, bn_t, (jnp.zeros_like(augmented), zero, jnp.zeros_like(zero))
+  return _wave_map(local, mesh, 5, n_scalar=1)(images, unit_keys, totals, ce_weights, bn_weights, t)
+
+
+def _static_teacher(acc, augmented, labels, ce_t, bn_t, variables, *, k: int, model, cfg: StepConfig, mesh):
+  def local(acc, augmented, labels, ce_t, bn_t, variables):
+    grad, ce, bn = _teacher_contribution(augmented, labels, ce_t[:, k], bn_t[:, k], model, variables, cfg,
+                                         cfg.pieces(k))
+    return acc[0] + grad, acc[1] + ce, acc[2] + bn
+  return _wave_map(local, mesh, 5, n_replicated=1)(acc, augmented, labels, ce_t, bn_t, variables)
+
+
+def _static_end(state, acc, unit_keys, totals, ce_t, bn_t, t, *, cfg: StepConfig, mesh):
+  def local(state, acc, unit_keys, totals, ce_t, bn_t, t):
+    keys = jax.vmap(jax.random.wrap_key_data)(unit_keys)
+    live = t < totals
+    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
+    _, pullback = _augment(state["images"], step_keys, cfg)
+    grad, ce, bn = acc
+    (image_grad,) = pullback(grad)
+    image_grad, bn = _with_image_prior(state["images"], image_grad, bn, (ce_t > 0) | (bn_t > 0), cfg)
+    return _apply_update(state, t, totals, live, image_grad, ce, bn, cfg)
+  return _wave_map(local, mesh, 6, n_scalar=1)(state, acc, unit_keys, totals, ce_t, bn_t, t)
+
+
+# Jitted, with their tracing kept beside the persistent compilation cache (io/exported.py): a
+# second run in a new work directory neither traces nor compiles them.
+_static_begin = exported.Program(_static_begin, static_argnames=("cfg", "mesh"))
+_static_teacher = exported.Program(_static_teacher, static_argnames=("k", "model", "cfg", "mesh"),
+                                   donate_argnums=(0,))
+_static_end = exported.Program(_static_end, static_argnames=("cfg", "mesh"), donate_argnums=(0,))
+
+
+def forget_static_programs() -> None:
+  """Drops the static programs this process loaded (with jax.clear_caches: their executables)."""
+  for program in (_static_begin, _static_teacher, _static_end):
+    program.clear()
+
+
+def static_programs(active: tuple[int, ...]) -> tuple:
+  """The programs one static iteration with these teachers runs (keys for the runner's bookkeeping)."""
+  return ("begin",) + tuple(("teacher", k) for k in active) + ("end",)
+
+
+def static_iteration(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables, t, *,
+                     models: tuple, cfg: StepConfig, mesh, active: tuple[int, ...]):
+  """Iteration t of every unit of a wave (shapes as `run_iterations`), evaluating exactly the
+  teachers `active` (those any unit of the wave uses at t: `active_teachers`)."""
+  augmented, ce_t, bn_t, acc = _static_begin(state["images"], unit_keys, totals, ce_weights, bn_weights, t,
+                                             cfg=cfg, mesh=mesh)
+  for k in active:
+    acc = _static_teacher(acc, augmented, labels, ce_t, bn_t, teacher_variables[k], k=k, model=models[k],
+                          cfg=cfg, mesh=mesh)
+  return _static_end(state, acc, unit_keys, totals, ce_t, bn_t, t, cfg=cfg, mesh=mesh)
+
+
+def static_lowered(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables, t, *,
+                   models: tuple, cfg: StepConfig, mesh, active: tuple[int, ...]) -> list:
+  """The lowered programs of one `static_iteration` (for cost and memory analysis), in run order."""
+  augmented, ce_t, bn_t, acc = _static_begin.eval_shape(state["images"], unit_keys, totals, ce_weights,
+                                                        bn_weights, t, cfg=cfg, mesh=mesh)
+  out = [_static_begin.lower(state["images"], unit_keys, totals, ce_weights, bn_weights, t, cfg=cfg, mesh=mesh)]
+  out += [_static_teacher.lower(acc, augmented, labels, ce_t, bn_t, teacher_variables[k], k=k, model=models[k],
+                                cfg=cfg, mesh=mesh) for k in active]
+  out.append(_static_end.lower(state, acc, unit_keys, totals, ce_t, bn_t, t, cfg=cfg, mesh=mesh))
+  return out
 
 
 def active_teachers(ce_weights, bn_weights, totals, t: int) -> tuple[int, ...]:

@@ -13,11 +13,9 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prism_jax import errors
-from prism_jax.models import bn_stats
 from prism_jax.recover import schedule, selection
 from prism_jax.train import precision
 
@@ -118,10 +116,10 @@ def unit_key(seed: int, unit: schedule.Unit) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), unit.ipc_index), unit.chunk)
 
 
-def has_batch_norm(model, variables, image_size: int) -> bool:
-  images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-  out = jax.eval_shape(functools.partial(bn_stats.forward_with_bn_stats, model), variables, images)
-  return len(out.bn) > 0
+def has_batch_norm(variables) -> bool:
+  """Whether a teacher has BatchNorm layers (running statistics to match): read from its variables
+  (only BatchNorm keeps `batch_stats`), which spares tracing its forward pass."""
+  return bool(jax.tree_util.tree_leaves(dict(variables).get("batch_stats", {})))
 
 
 def teacher_weights(unit: schedule.Unit, order, spec, rc, seed: int, has_bn, t_max: int):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prism_jax.data import stats as data_stats
-from prism_jax.io import artifacts, fs, preemption
+from prism_jax.io import artifacts, exported, fs, preemption
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.recover import engine, export, schedule
 from prism_jax.recover import plan as plan_lib
@@ -122,7 +122,7 @@ def run_wave(wave: schedule.Wave, plan: plan_lib.Plan, rc, seed: int, dataset, m
   wave_totals = np.asarray([u.iterations for u in wave.units] + [0] * (wave.width - len(wave.units)),
                            np.int32)
   # Weights padded to the longest unit of the whole job (they are only indexed at t < T_u): every
-  # wave then has the same shapes, so one program per teacher set serves all of them.
+  # wave then has the same shapes, so the same programs serve all of them.
   t_pad = plan.max_iterations
   pad_to = lambda w: np.pad(w, ((0, t_pad - w.shape[0]), (0, 0)))
   wave_ce = np.stack([pad_to(plan.unit_weights(u)[0]) for u in padded])
@@ -159,10 +159,10 @@ def run_wave(wave: schedule.Wave, plan: plan_lib.Plan, rc, seed: int, dataset, m
     if static:
       for it in range(t, stop):
         active = engine.active_teachers(wave_ce, wave_bn, wave_totals, it)
-        step = _bounded_step((active, wave.width))
+        _track_programs(engine.static_programs(active), wave.width)
         with gc_paused():
-          state = step(state, *args, teacher_vars, np.int32(it), np.int32(it + 1), models=models,
-                       cfg=cfg, mesh=mesh, active=active)
+          state = engine.static_iteration(state, *args, teacher_vars, np.int32(it), models=models, cfg=cfg,
+                                          mesh=mesh, active=active)
     else:
       with gc_paused():
         state = step(state, *args, teacher_vars, np.int32(t), np.int32(stop), models=models,
@@ -244,25 +244,27 @@ def gc_paused():
 
 @functools.lru_cache(maxsize=None)
 def _compiled_step():
-  return jax.jit(engine.run_iterations, static_argnames=("models", "cfg", "mesh", "active"),
-                 donate_argnums=(0,))
+  """The `cond`-gating wave program, jitted, its tracing kept beside the compilation cache."""
+  return exported.Program(engine.run_iterations, static_argnames=("models", "cfg", "mesh"), donate_argnums=(0,))
 
 
-# Static gating compiles one program per teacher set drawn (at most 2^teachers - 1 per wave shape).
 # Each XLA:CPU executable holds its machine code in its own memory mappings, which the kernel caps
-# per process (vm.max_map_count, 65,530 by default): a process running several methods, or a pool of
-# many teachers, would otherwise keep every program of the run alive. At most MAX_LIVE_PROGRAMS are
+# per process (vm.max_map_count, 65,530 by default). Static gating compiles one program per teacher
+# of the pool (plus two) and wave width, so a recovery holds few; but a process that runs several
+# methods, or a large pool, would keep every program of the run alive. At most MAX_LIVE_PROGRAMS are
 # kept; past that the compiled programs are released (reused ones come back from the persistent
 # compilation cache), and every method releases its programs when it finishes.
 MAX_LIVE_PROGRAMS = 48
 _LIVE: set = set()
 
 
-def _bounded_step(key):
-  if key not in _LIVE and len(_LIVE) >= MAX_LIVE_PROGRAMS:
+def _track_programs(programs, width: int) -> None:
+  """Notes the static programs an iteration is about to run, releasing all first when they would
+  take the live programs past MAX_LIVE_PROGRAMS."""
+  keys = {(p, width) for p in programs}
+  if len(_LIVE | keys) > MAX_LIVE_PROGRAMS:
     release_programs()
-  _LIVE.add(key)
-  return _compiled_step()
+  _LIVE.update(keys)
 
 
 def release_programs() -> None:
@@ -271,6 +273,7 @@ def release_programs() -> None:
   clear = getattr(_compiled_step, "cache_clear", None)
   if clear is not None:
     clear()
+  engine.forget_static_programs()
   # JAX's own caches hold the executables too: only clearing them frees the mappings (measured: 5,350
   # -> 600 after 35 five-teacher programs; dropping the jit object alone frees nothing).
   jax.clear_caches()

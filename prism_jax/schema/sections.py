@@ -114,7 +114,7 @@ def recover_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_iterations = 500  # mid-wave checkpoints (0: only finished waves are kept)
   c.sequential_teachers = True  # one teacher's activations live at a time; unused teachers skipped
   # 'cond': iterations loop on the device, each teacher behind a conditional (accelerators);
-  # 'static': the host drives iterations, one program per teacher set (XLA:CPU runs nested
+  # 'static': the host drives iterations, one program per teacher used (XLA:CPU runs nested
   # convolutions ~3.5x slower); 'auto': static on CPU, cond elsewhere.
   c.teacher_gating = 'auto'
   c.remat = True               # keep only block outputs for backward (memory); False: faster, more memory
