@@ -43,6 +43,10 @@ from prism_jax.recover import plan as recover_plan
 from prism_jax.relabel import plan as relabel_plan
 from prism_jax.stages import train
 
+# In-process runs here are compared only with each other or with tolerances: compile them fast
+# (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_xla")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 HELPER_MODULES = ("common", "presets")  # shared presets, not experiments

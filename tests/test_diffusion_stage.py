@@ -22,6 +22,10 @@ from prism_jax.io import artifacts, diffusion_store
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.stages import diffusion as diffusion_stage
 
+# In-process runs here are compared only with each other or with tolerances: compile them fast
+# (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_xla")
+
 # A tiny run on 8 px two-class data: DiT-T/2 (16 tokens), 20 steps of batch 16. In-process runs
 # checkpoint only at the end (saves cost seconds here); the killed CLI run every 10 steps.
 TINY = {"diffusion.steps": 20, "diffusion.batch_size": 16, "diffusion.learning_rate": 2e-3,
