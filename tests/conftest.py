@@ -42,60 +42,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop(_XLA_CACHE_VAR), ignore_errors=True)
 
 
-# The test files that take longest (seconds of one worker, measured on the 2-core development machine:
-# selection_generation 108, configs 88, squeeze 86, torchvision_parity 85, diffusion_stage 80, ...),
-# longest first. `-n 2 --dist loadfile` hands files to the workers in the order of its work queue as
-# they run dry, so queueing the long ones first packs the two workers evenly
-# (longest-processing-time-first); the rest follow in their usual order. xdist would otherwise queue
-# files by their number of tests (`pytest_configure` turns that off).
-LONGEST_FIRST = (
-    "test_selection_generation.py",
-    "test_configs.py",
-    "test_squeeze.py",
-    "test_torchvision_parity.py",
-    "test_diffusion_stage.py",
-    "test_relabel_train.py",
-    "test_recover.py",
-    "test_device_check.py",
-    "test_models.py",
-    "test_precision.py",
-    "test_multihost_train.py",
-    "test_diffusion_process.py",
-    "test_compilation.py",
-    "test_multihost.py",
-    "test_quickstart.py",
-    "test_augment.py",
-    "test_depthwise.py",
-    "test_dit.py",
-    "test_remote_workdir.py",
-    "test_vae.py",
-    "test_methods.py",
-    "test_metrics.py",
-    "test_recover_objective.py",
-    "test_bn_stats.py",
-    "test_parallel.py",
-    "test_data_sources.py",
-    "test_student_objectives.py",
-)
-
-
-def pytest_configure(config):
-  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order above
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(session, config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  order = {id(item): n for n, item in enumerate(items)}
-  items.sort(key=lambda item: (rank.get(os.path.basename(str(item.fspath)), len(rank)), order[id(item)]))
-
-
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fast_xla():
-  """For a module whose in-process runs are compared only with each other: most XLA optimizations
+  """For a module whose in-process runs are compared only with each other or within tolerances: most XLA optimizations
   off, as the CLI test runs have them (compilation dominates these toy programs)."""
   import jax
   before = jax.config.values["jax_disable_most_optimizations"]
