@@ -9,7 +9,8 @@ calls that instead of tracing again (XLA's compilation of it then comes from the
 as before). A first call exports and writes it.
 
 The key is everything the traced program depends on: the function's name, the static arguments'
-types and reprs, every input's shape, dtype, weak type and sharding, the JAX configuration that
+types and reprs, every input's shape, dtype and weak type (the exported programs take their
+partitioning from the mesh, a static argument), the JAX configuration that
 changes tracing (matmul precision, x64, the PRNG), the backend and devices, the versions of jax,
 jaxlib, flax and optax, and a digest of prism_jax's own source files (any code change makes new
 keys: nothing stale is ever called). A static argument whose repr is not deterministic (it holds
@@ -28,7 +29,6 @@ import importlib.metadata
 import json
 import os
 import re
-import threading
 
 import jax
 
@@ -66,12 +66,6 @@ def directory() -> str | None:
     return None
   cache = jax.config.jax_compilation_cache_dir
   return os.path.join(cache, SUBDIR) if cache else None
-
-
-def _input_signature(x) -> str:
-  sharding = getattr(x, "sharding", None)
-  aval = jax.typeof(x)
-  return f"{aval.str_short()}:{getattr(aval, 'weak_type', False)}:{sharding!r}"
 
 
 def _static_repr(value) -> str | None:
@@ -127,17 +121,19 @@ def leaf_shapes(fn, *, name: str, static: dict) -> dict[tuple[str, ...], tuple[i
 class Program:
   """`jax.jit(fn, static_argnames=..., donate_argnums=...)` whose tracing is kept on disk (above).
 
-  Call it as the jitted function, static arguments by keyword. `clear()` forgets the loaded
-  programs of this process (their files stay)."""
+  Call it as the jitted function, static arguments by keyword. The lookup happens while JAX traces
+  a call (once per static arguments and input types, as tracing `fn` would), so a call that JAX has
+  already compiled costs what a jitted call costs. For functions whose partitioning is explicit
+  (a `shard_map` over a mesh passed as a static argument): inputs are keyed by type, not sharding."""
 
   def __init__(self, fn, *, static_argnames: tuple[str, ...], donate_argnums: tuple[int, ...] = ()):
     self.name = f"{fn.__module__}.{fn.__qualname__}"
     self._fn = fn
-    self._static = tuple(static_argnames)
     self._donate = tuple(donate_argnums)
-    self._jitted = jax.jit(fn, static_argnames=self._static, donate_argnums=self._donate)
-    self._loaded: dict[str, object] = {}
-    self._lock = threading.Lock()
+    self._jitted = jax.jit(fn, static_argnames=tuple(static_argnames), donate_argnums=self._donate)
+    self._via_file = jax.jit(self._from_file, static_argnames=tuple(static_argnames),
+                             donate_argnums=self._donate)
+    self._keyable: dict = {}
     self.exported = self.loaded = 0  # programs written / read back by this process
 
   def lower(self, *args, **static):
@@ -146,48 +142,48 @@ class Program:
   def eval_shape(self, *args, **static):
     return jax.eval_shape(functools.partial(self._fn, **static), *args)
 
-  def clear(self) -> None:
-    with self._lock:
-      self._loaded.clear()
-
   def cache_size(self) -> int:
-    """Compiled executables this process holds for the function (loaded or traced)."""
-    return self._jitted._cache_size() + sum(call._cache_size() for call in list(self._loaded.values()))
+    """Compiled executables this process holds for the function."""
+    return self._jitted._cache_size() + self._via_file._cache_size()
 
   def __call__(self, *args, **static):
-    where = directory()
-    key = self._key(args, static) if where else None
-    if key is None:
+    if directory() is None or not self._static_keyable(static):
       return self._jitted(*args, **static)
-    call = self._loaded.get(key)
-    if call is None:
-      call = self._load_or_export(os.path.join(where, f"{self.name.rsplit('.', 1)[-1]}-{key}.bin"), args, static)
-      with self._lock:
-        self._loaded[key] = call
-    return call(*args)
+    return self._via_file(*args, **static)
 
-  def _key(self, args, static) -> str | None:
-    parts = _base_key(self.name, static)
-    if parts is None:
-      return None
+  def _static_keyable(self, static) -> bool:
+    signature = tuple(sorted(static.items()))
+    keyable = self._keyable.get(signature)
+    if keyable is None:
+      keyable = self._keyable[signature] = _base_key(self.name, static) is not None
+    return keyable
+
+  def _from_file(self, *args, **static):
+    """Traced by `_via_file` in place of `fn`: the exported program for these inputs, read back or
+    exported now, called on the (traced) inputs."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    parts += [repr(self._donate), repr(tree)] + [_input_signature(x) for x in leaves]
-    return _digest(parts)
+    avals = [jax.typeof(x) for x in leaves]
+    parts = _base_key(self.name, static) + [repr(self._donate), repr(tree)]
+    parts += [f"{a.str_short()}:{getattr(a, 'weak_type', False)}" for a in avals]
+    where = directory()
+    path = os.path.join(where, f"{self.name.rsplit('.', 1)[-1]}-{_digest(parts)}.bin")
+    specs = jax.tree_util.tree_unflatten(
+        tree, [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False)) for a in avals])
+    return self._load_or_export(path, specs, static).call(*args)
 
-  def _load_or_export(self, path: str, args, static):
-    exported = None
+  def _load_or_export(self, path: str, specs, static):
     if fs.exists(path):
       try:
         with fs.open(path, "rb") as f:
-          exported = jax.export.deserialize(bytearray(f.read()))
+          found = jax.export.deserialize(bytearray(f.read()))
         self.loaded += 1
+        return found
       except Exception:  # noqa: BLE001 -- any unreadable file (truncated, foreign): export it again below
-        exported = None
-    if exported is None:
-      exported = jax.export.export(jax.jit(functools.partial(self._fn, **static)))(*args)
-      try:
-        artifacts.write_bytes(path, bytes(exported.serialize()))
-        self.exported += 1
-      except OSError:
-        pass  # a read-only cache still works, without the saving
-    return jax.jit(exported.call, donate_argnums=self._donate)
+        pass
+    made = jax.export.export(jax.jit(functools.partial(self._fn, **static)))(*specs)
+    try:
+      artifacts.write_bytes(path, bytes(made.serialize()))
+      self.exported += 1
+    except OSError:
+      pass  # a read-only cache still works, without the saving
+    return made

@@ -256,8 +256,12 @@ def _iteration_inputs(t, keys, totals, ce_weights, bn_weights):
   live = t < totals                                                     # (L,)
   ce_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(ce_weights, t, 1, False), 0.0)
   bn_t = jnp.where(live[:, None], jax.lax.dynamic_index_in_dim(bn_weights, t, 1, False), 0.0)
-  step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
-  return live, ce_t, bn_t, step_keys
+  return live, ce_t, bn_t, _step_keys(keys, t)
+
+
+def _step_keys(keys, t):
+  """Each unit's augmentation key at iteration t."""
+  return jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
 
 
 def _apply_update(st, t, totals, live, grad, ce, bn, cfg: StepConfig):
@@ -282,6 +286,14 @@ def iteration(st, t, keys, labels, totals, ce_weights, bn_weights, teachers, cfg
   return _apply_update(st, t, totals, live, grad, ce, bn, cfg)
 
 
+def _wave_map(fn, mesh, n_in: int, n_replicated: int = 0, n_scalar: int = 0):
+  """`fn` as a shard_map over the wave axis: n_in wave-sharded inputs, then replicated ones and
+  scalars; wave-sharded outputs."""
+  wave = P(mesh.axis_names[0])
+  return jax.shard_map(fn, mesh=mesh, in_specs=(wave,) * n_in + (P(),) * (n_replicated + n_scalar),
+                       out_specs=wave, check_vma=False)
+
+
 def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables,
                    start, stop, *, models: tuple, cfg: StepConfig, mesh):
   """Runs iterations [start, min(stop, T_u)) of every unit u of a wave in one program (`cond` gating).
@@ -293,7 +305,6 @@ def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, tea
   path is `static_iteration`.
   """
   teachers_static = tuple(models)
-  wave = P(mesh.axis_names[0])
 
   def local(state, unit_keys, labels, totals, ce_weights, bn_weights, teacher_variables, start, stop):
     teachers = tuple(zip(teachers_static, teacher_variables))
@@ -305,9 +316,8 @@ def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, tea
     end = jnp.maximum(start, jnp.minimum(stop, jnp.max(totals)))
     return jax.lax.fori_loop(start, end, body, state)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(wave,) * 6 + (P(), P(), P()), out_specs=wave,
-                       check_vma=False)(state, unit_keys, labels, totals, ce_weights, bn_weights,
-                                        teacher_variables, start, stop)
+  return _wave_map(local, mesh, 6, n_replicated=1, n_scalar=2)(state, unit_keys, labels, totals, ce_weights,
+                                                               bn_weights, teacher_variables, start, stop)
 
 
 # Static gating (the CPU path): one iteration is a sequence of small programs driven by the host,
@@ -321,12 +331,6 @@ def run_iterations(state, unit_keys, labels, totals, ce_weights, bn_weights, tea
 # the same; but the programs are one per teacher (plus two) and per wave width, where one program per
 # iteration would need one per distinct teacher set drawn (up to 2^n - 1, each re-tracing and
 # re-compiling every teacher it holds).
-
-
-def _wave_map(fn, mesh, n_in: int, n_replicated: int = 0, n_scalar: int = 0):
-  wave = P(mesh.axis_names[0])
-  return jax.shard_map(fn, mesh=mesh, in_specs=(wave,) * n_in + (P(),) * (n_replicated + n_scalar),
-                       out_specs=wave, check_vma=False)
 
 
 def _static_begin(images, unit_keys, totals, ce_weights, bn_weights, t, *, cfg: StepConfig, mesh):
@@ -350,13 +354,11 @@ def _static_teacher(acc, augmented, labels, ce_t, bn_t, variables, *, k: int, mo
 def _static_end(state, acc, unit_keys, totals, ce_t, bn_t, t, *, cfg: StepConfig, mesh):
   def local(state, acc, unit_keys, totals, ce_t, bn_t, t):
     keys = jax.vmap(jax.random.wrap_key_data)(unit_keys)
-    live = t < totals
-    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
-    _, pullback = _augment(state["images"], step_keys, cfg)
+    _, pullback = _augment(state["images"], _step_keys(keys, t), cfg)
     grad, ce, bn = acc
     (image_grad,) = pullback(grad)
     image_grad, bn = _with_image_prior(state["images"], image_grad, bn, (ce_t > 0) | (bn_t > 0), cfg)
-    return _apply_update(state, t, totals, live, image_grad, ce, bn, cfg)
+    return _apply_update(state, t, totals, t < totals, image_grad, ce, bn, cfg)
   return _wave_map(local, mesh, 6, n_scalar=1)(state, acc, unit_keys, totals, ce_t, bn_t, t)
 
 
@@ -366,12 +368,6 @@ _static_begin = exported.Program(_static_begin, static_argnames=("cfg", "mesh"))
 _static_teacher = exported.Program(_static_teacher, static_argnames=("k", "model", "cfg", "mesh"),
                                    donate_argnums=(0,))
 _static_end = exported.Program(_static_end, static_argnames=("cfg", "mesh"), donate_argnums=(0,))
-
-
-def forget_static_programs() -> None:
-  """Drops the static programs this process loaded (with jax.clear_caches: their executables)."""
-  for program in (_static_begin, _static_teacher, _static_end):
-    program.clear()
 
 
 def static_programs(active: tuple[int, ...]) -> tuple:
