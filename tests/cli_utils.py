@@ -14,14 +14,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDE_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hide_modules")
 
 
-def cli_env(num_devices: int = 2, fast_compile: bool = True, hide_modules: tuple[str, ...] = ()) -> dict:
-  """The environment of a CLI subprocess on `num_devices` CPU devices. `fast_compile` turns most XLA
-  optimizations off (compilation dominates these toy runs): results then match other such runs, not
-  an in-process run of the test session, so runs compared with in-process ones pass False.
+def cli_env(num_devices: int = 2, hide_modules: tuple[str, ...] = ()) -> dict:
+  """The environment of a CLI subprocess on `num_devices` CPU devices, with the session's XLA settings
+  (conftest.py: most optimizations off, so its results match the in-process runs').
   `hide_modules` makes those packages unimportable in the subprocess (tests/hide_modules)."""
   env = dict(os.environ)
-  if fast_compile:
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
   if hide_modules:
@@ -57,7 +54,7 @@ def run_processes(config_path: str, workdirs: list[str], *overrides: str, device
   """Runs the CLI as one cooperating JAX process per work directory (a localhost coordinator, CPU
   devices); returns their outputs. With `check`, a failing or stuck process fails the test with
   every output; without, a stuck one still does."""
-  env = cli_env(devices_per_process, fast_compile=False)  # compared with in-process runs
+  env = cli_env(devices_per_process)
   env["JAX_PLATFORMS"] = "cpu"
   coordinator = f"--coordinator_address=localhost:{free_port()}"
   procs = [subprocess.Popen(cli_command(config_path, workdir, coordinator, f"--num_processes={len(workdirs)}",

@@ -8,6 +8,11 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Most XLA optimizations off for the whole session, in-process and in the CLI subprocesses (which
+# inherit it): compilation dominates these toy programs (about a fifth of the suite's CPU time goes
+# with it), and runs compared with each other then come from the same kind of programs. A module
+# whose numbers are checked against a reference as users run it opts back in (`optimized_xla`).
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -45,12 +50,12 @@ def pytest_unconfigure(config):
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def fast_xla():
-  """For a module whose in-process runs are compared only with each other or within tolerances: most XLA optimizations
-  off, as the CLI test runs have them (compilation dominates these toy programs)."""
+@pytest.fixture
+def optimized_xla():
+  """For a module whose numbers are compared with a reference implementation: XLA's optimizations on,
+  as a user's run has them (the session turns most of them off)."""
   import jax
   before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
+  jax.config.update("jax_disable_most_optimizations", False)
   yield
   jax.config.update("jax_disable_most_optimizations", before)

@@ -15,8 +15,7 @@ such as learning rates, k, zeta are values on a path). A block runs for an exper
 its features has not been exercised by an earlier run; every experiment then asserts that each of
 its features ran and checks those runs' artifacts (manifest teachers per the selection rule,
 iteration schedule, soft-label views, protocol, report); when written, 12 block runs cover 43 experiments.
-Compilation dominates, so this module compiles without XLA optimizations and with a compilation
-cache of its own, on one device (sharding is tested elsewhere).
+Compilation dominates, so this module has a compilation cache of its own and runs on one device (sharding is tested elsewhere).
 """
 
 import copy
@@ -43,9 +42,6 @@ from prism_jax.recover import plan as recover_plan
 from prism_jax.relabel import plan as relabel_plan
 from prism_jax.stages import train
 
-# In-process runs here are compared only with each other or with tolerances: compile them fast
-# (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -447,11 +443,10 @@ class Runner:
 
 @pytest.fixture(scope="module")
 def fast_compilation(tmp_path_factory):
-  """For this module only: XLA optimizations off (compile time dominates toy runs) and a compilation
-  cache in a fresh directory, so programs that recur under new jit objects (the per-image-set relabel
-  and student steps, a teacher set shared by several configs) compile once."""
-  settings = {"jax_disable_most_optimizations": True,
-              "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+  """For this module only: a compilation cache in a fresh directory, so programs that recur under new
+  jit objects (the per-image-set relabel and student steps, a teacher set shared by several configs)
+  compile once."""
+  settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
               "jax_persistent_cache_min_compile_time_secs": 0.0,
               "jax_persistent_cache_min_entry_size_bytes": 0}
   before = {k: jax.config.values[k] for k in settings}

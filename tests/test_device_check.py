@@ -6,14 +6,10 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import device_check  # noqa: E402
-
-# In-process runs here are compared only with each other: compile them fast (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 
 def test_smoke_runs_every_part_and_writes_json(tmp_path):

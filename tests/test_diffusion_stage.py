@@ -22,9 +22,6 @@ from prism_jax.io import artifacts, diffusion_store
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.stages import diffusion as diffusion_stage
 
-# In-process runs here are compared only with each other or with tolerances: compile them fast
-# (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 # A tiny run on 8 px two-class data: DiT-T/2 (16 tokens), 20 steps of batch 16. In-process runs
 # checkpoint only at the end (saves cost seconds here); the killed CLI run every 10 steps.
@@ -68,16 +65,6 @@ def _cli_flags(data_dir):
 def _params(model_dir):
   variables, _ = diffusion_store.load_variables(model_dir, kind="dit")
   return variables
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Most XLA optimizations off, as in the CLI runs (cli_env): compilation dominates these toy runs, and
-  the in-process and CLI results then come from the same kind of programs."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +132,7 @@ def test_resume_after_kill_matches_uninterrupted_run(trained, data_dir, tmp_path
   reference_dir, _ = trained
   workdir = str(tmp_path / "killed")
   command = cli_command("configs/quickstart_diffusion.py", workdir, *_cli_flags(data_dir))
-  env = cli_env(num_devices=8)  # fast compile, as the in-process run (fixture fast_compile)
+  env = cli_env(num_devices=8)
   proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = os.path.join(workdir, "diffusion", "ckpt")
   deadline = time.time() + 120

@@ -154,6 +154,7 @@ def test_infer_spec_from_diffusers_weights_and_config():
     dit_import.infer_dit_spec(state_dict, config={**_reference().config, "attention_head_dim": 16})
 
 
+@pytest.mark.usefixtures("optimized_xla")  # parity as users run it
 def test_epsilon_sigma_and_cfg_match_diffusers():
   reference = _reference()
   spec = _diffusers_spec(timestep_freq_shift=1)  # diffusers' timestep embedding, for exact parity
@@ -181,6 +182,7 @@ def test_epsilon_sigma_and_cfg_match_diffusers():
   assert float(np.max(np.abs(official_embedding - expected))) > 1e-2 * float(np.max(np.abs(expected)))
 
 
+@pytest.mark.usefixtures("optimized_xla")  # parity as users run it
 def test_tokens_after_match_diffusers_hidden_states():
   reference = _reference()
   spec = _diffusers_spec(timestep_freq_shift=1)
@@ -200,6 +202,7 @@ def test_tokens_after_match_diffusers_hidden_states():
     _assert_close(tokens, captured[k - 1], f"tokens after block {k}")
 
 
+@pytest.mark.usefixtures("optimized_xla")  # parity as users run it
 def test_official_layout_gives_the_same_variables_and_official_outputs():
   reference = _reference()
   diffusers_sd = _numpy_state_dict(reference)

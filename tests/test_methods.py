@@ -17,9 +17,6 @@ from prism_jax.io import artifacts, layout
 from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.stages import distill
 
-# In-process runs here are compared only with each other or with tolerances: compile them fast
-# (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

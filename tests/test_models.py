@@ -9,9 +9,6 @@ import pytest
 from prism_jax import models
 from prism_jax.models import layers, registry, shufflenet_v2, torchvision_import
 
-# In-process runs here are compared only with each other or with tolerances: compile them fast
-# (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 ALL = registry.ZOO  # not available_models(): other test modules register tiny models
 NUM_CLASSES = 5

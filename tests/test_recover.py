@@ -23,9 +23,6 @@ from prism_jax.io import teacher_store
 from prism_jax.recover import engine, runner, schedule, selection
 from prism_jax.recover import plan as recover_plan
 
-# In-process runs here are compared only with each other: compile them fast (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

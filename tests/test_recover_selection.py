@@ -1,10 +1,8 @@
 """Teacher selection distributions, the iteration schedule and the wave scheduler."""
 
 import collections
-import itertools
 import math
 
-import numpy as np
 import pytest
 
 from prism_jax.recover import schedule, selection

@@ -17,9 +17,6 @@ from prism_jax.relabel import plan as relabel_plan
 from prism_jax.stages import relabel, train
 from prism_jax.train import losses
 
-# In-process runs here are compared only with each other: compile them fast (conftest.py).
-pytestmark = pytest.mark.usefixtures("fast_xla")
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

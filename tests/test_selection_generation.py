@@ -23,7 +23,6 @@ from prism_jax.parallel import mesh as mesh_lib
 from prism_jax.patches import cluster, crops
 from prism_jax.stages import distill
 
-pytestmark = pytest.mark.usefixtures("fast_xla")
 
 SIZE = ru.IMAGE_SIZE  # 16 px, 4 classes
 SETTINGS = {

@@ -22,6 +22,7 @@ NUM_CLASSES = 1000
 BATCH = 2
 
 torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("optimized_xla")  # parity as users run it: XLA optimizations on
 
 
 @functools.lru_cache(maxsize=1)

@@ -91,6 +91,7 @@ def _jitted(method):
   return jax.jit(lambda model, variables, x: model.apply(variables, x, method=method), static_argnums=0)
 
 
+@pytest.mark.usefixtures("optimized_xla")  # parity as users run it
 def test_encoder_decoder_match_diffusers():
   reference = _reference_model()
   model, variables = _converted()
