@@ -5,6 +5,7 @@ latents, decoded samples, rerun), and the bad-input messages of both spaces and 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -101,7 +102,9 @@ def test_training_lowers_the_loss_and_writes_the_model(trained, data_dir, capsys
   acc.Reload()
   assert [e.step for e in acc.Tensors("diffusion/samples")] == [10, 20]
   assert acc.Scalars("eval/loss")
-  # EMA weights are what is stored; they run.
+  # The kept weights (config.diffusion.weights='auto': the EMA unless its held-out loss is higher) run.
+  assert meta["source"]["weights"] == diffusion_stage.chosen_weights("auto", history[-1])
+  assert meta["timing_last_run"]["seconds_total"] >= meta["timing_last_run"]["train_seconds"] > 0
   out = model.apply(variables, np.zeros((2, 8, 8, 3), np.float32), np.array([10, 500]), np.array([0, 2]))
   assert out.shape == (2, 8, 8, 6) and np.isfinite(np.asarray(out)).all()
 
@@ -113,6 +116,35 @@ def test_training_lowers_the_loss_and_writes_the_model(trained, data_dir, capsys
   assert os.path.getmtime(os.path.join(model_dir, diffusion_store.META_FILE)) == before
   with pytest.raises(artifacts.ArtifactError, match="diffusion.learning_rate"):
     diffusion_stage.run(_config(data_dir, **{"diffusion.learning_rate": 1e-4}), workdir, mesh_lib.make_mesh(8))
+
+
+def test_weights_setting_chooses_by_held_out_loss_and_resaves_without_training(trained, data_dir, tmp_path, capsys):
+  assert diffusion_stage.chosen_weights("auto", {"loss": 0.04, "ema_loss": 0.15}) == "raw"  # a short run's EMA
+  assert diffusion_stage.chosen_weights("auto", {"loss": 0.05, "ema_loss": 0.04}) == "ema"
+  assert diffusion_stage.chosen_weights("ema", {"loss": 0.04, "ema_loss": 0.15}) == "ema"
+  assert diffusion_stage.chosen_weights("raw", {"loss": 0.05, "ema_loss": 0.04}) == "raw"
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(trained[0], workdir)
+  model_dir = diffusion_stage.model_dir(workdir)
+  meta = diffusion_store.load_meta(model_dir, kind="dit")
+  first, other = meta["source"]["weights"], {"ema": "raw", "raw": "ema"}[meta["source"]["weights"]]
+  original = _params(model_dir)
+  capsys.readouterr()
+  result = diffusion_stage.run(_config(data_dir, **{"diffusion.weights": other}), workdir, mesh_lib.make_mesh(8))
+  out = capsys.readouterr().out
+  assert "saving them from the final checkpoint" in out and "resuming from step 20/20" in out, out
+  assert result["weights"] == other
+  swapped = diffusion_store.load_meta(model_dir, kind="dit")
+  assert swapped["source"] == {**meta["source"], "weights": other, "ema": other == "ema"}
+  assert swapped["timing_last_run"] == meta["timing_last_run"] and swapped["history"] == meta["history"]
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(_params(model_dir)),
+                                                       jax.tree_util.tree_leaves(original)))
+  # Back to the first choice: the same weights as the first save, bit for bit.
+  diffusion_stage.run(_config(data_dir, **{"diffusion.weights": first}), workdir, mesh_lib.make_mesh(8))
+  for a, b in zip(jax.tree_util.tree_leaves(_params(model_dir)), jax.tree_util.tree_leaves(original)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match=r"config\.diffusion\.weights='best'"):
+    diffusion_stage.run(_config(data_dir, **{"diffusion.weights": "best"}), workdir, mesh_lib.make_mesh(8))
 
 
 def test_one_and_eight_devices_train_the_same_weights(trained, data_dir, tmp_path):

@@ -184,6 +184,10 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-4
   c.weight_decay = 0.0
   c.ema_decay = 0.9999
+  # The weights the stage keeps: 'ema' (DiT's choice), 'raw' (the optimizer's), or 'auto': the EMA unless
+  # its final held-out loss is above the raw weights' (a short run, whose EMA still holds much of the
+  # random initialization). Not part of the training recipe: changing it re-saves, it does not retrain.
+  c.weights = "auto"
   c.label_dropout = 0.1        # probability of the null class (classifier-free guidance)
   c.learn_sigma_loss = False   # True: also the learned-variance VLB term (DiT's full loss)
   c.log_every_steps = 100      # also the interval of the fixed-batch evaluation loss

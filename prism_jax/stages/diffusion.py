@@ -54,7 +54,8 @@ SAMPLES_FILE = "samples.png"
 # VAE's path is one: what matters is its checksum, which the latent-space fingerprint holds.
 _NON_RECIPE_FIELDS = ("import_dir", "class_map", "log_every_steps", "checkpoint_every_steps",
                       "keep_checkpoints", "sample_steps", "cfg_scale", "samples_per_class", "vae_dir",
-                      "sample_every_steps")
+                      "sample_every_steps", "weights")
+WEIGHTS = ("auto", "ema", "raw")
 
 
 def validate(config) -> None:
@@ -84,12 +85,27 @@ def validate(config) -> None:
     raise errors.ConfigError(f"config.diffusion.weight_decay={dc.weight_decay!r}: expected >= 0")
   if dc.cfg_scale < 0:
     raise errors.ConfigError(f"config.diffusion.cfg_scale={dc.cfg_scale!r}: expected >= 0 (1 = no guidance)")
+  if dc.weights not in WEIGHTS:
+    raise errors.ConfigError(f"config.diffusion.weights={dc.weights!r}: expected one of {WEIGHTS}")
   for field in ("ema_decay", "label_dropout"):
     if not 0 <= dc[field] < 1:
       raise errors.ConfigError(f"config.diffusion.{field}={dc[field]!r}: expected a value in [0, 1)")
   if dc.class_map and not dc.import_dir:
     raise errors.ConfigError("config.diffusion.class_map is set but config.diffusion.import_dir is '': the class map "
                      "applies to an imported DiT only")
+
+
+def chosen_weights(setting: str, losses: dict) -> str:
+  """'ema' or 'raw': what config.diffusion.weights=`setting` keeps, given the held-out losses of an
+  evaluation ({'loss': raw weights, 'ema_loss': EMA})."""
+  if setting != "auto":
+    return setting
+  return "raw" if float(losses["ema_loss"]) > float(losses["loss"]) else "ema"
+
+
+def _saved_weights(meta: dict) -> str:
+  source = meta.get("source") or {}
+  return source.get("weights") or ("ema" if source.get("ema", True) else "raw")
 
 
 def stage_dir(workdir: str) -> str:
@@ -223,14 +239,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   fingerprint = {"spec": spec, "data": dataset.fingerprint(), **recipe(config)}
   if vae_info is not None:
     fingerprint["vae"] = {"variables_sha256": vae_info["variables_sha256"], "spec": vae_info["spec"]}
+  previous_timing = None
   if diffusion_store.is_complete(final_dir):
     meta = diffusion_store.load_meta(final_dir, kind="dit")
     artifacts.check_same("the trained DiT", os.path.join(final_dir, diffusion_store.META_FILE),
                          fingerprint, meta.get("fingerprint", {}))
     history = meta.get("history") or [{}]
-    print(f"[diffusion] already trained: DiT-{dc.model}, final eval loss "
-          f"{history[-1].get('loss', float('nan')):.4f} ({final_dir})", flush=True)
-    return {"model_dir": final_dir, **{k: v for k, v in history[-1].items()}}
+    saved = _saved_weights(meta)
+    wanted = chosen_weights(dc.weights, history[-1]) if "ema_loss" in history[-1] else saved
+    if wanted == saved:
+      print(f"[diffusion] already trained: DiT-{dc.model} ({saved} weights), final eval loss "
+            f"{history[-1].get('loss', float('nan')):.4f} ({final_dir})", flush=True)
+      return {"model_dir": final_dir, "weights": saved, **{k: v for k, v in history[-1].items()}}
+    # Another choice of weights: the final checkpoint holds both; the loop below resumes it (no step
+    # left to run) and the model is saved again.
+    print(f"[diffusion] {final_dir} holds the {saved} weights; config.diffusion.weights={dc.weights!r} keeps the "
+          f"{wanted} weights: saving them from the final checkpoint", flush=True)
+    previous_timing = meta.get("timing_last_run")
 
   num_devices = mesh.devices.size
   if dc.batch_size % num_devices:
@@ -289,12 +314,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
       samples = latents_lib.decode_to_images(vae_model, vae_variables, samples, mesh)
     return grids.sample_grid(grids.to_uint8(samples), dc.samples_per_class, dataset.num_classes)
 
+  def kept(train_state, losses):
+    return train_state.ema_params if chosen_weights(dc.weights, losses) == "ema" else train_state.params
+
   def evaluate(train_state):
     step = int(train_state.step)
+    losses = {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
+              "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
     if dc.sample_every_steps and step % dc.sample_every_steps == 0 and step < dc.steps:
-      writer.write_images(step, {"diffusion/samples": sample_images(train_state.ema_params)})
-    return {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
-            "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
+      writer.write_images(step, {"diffusion/samples": sample_images(kept(train_state, losses))})
+    return losses
 
   writer = monitoring.create_writer(layout.tensorboard_dir(workdir, "diffusion"))
   settings = loop.LoopSettings(
@@ -317,18 +346,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   finally:
     batches.close()
 
-  grid = sample_images(state.ema_params)
+  final = history[-1]
+  weights = chosen_weights(dc.weights, final)
+  params = kept(state, final)
+  grid = sample_images(params)
   writer.write_images(dc.steps, {"diffusion/samples": grid})
   writer.close()
   if jax.process_index() == 0:
     artifacts.write_bytes(os.path.join(out_dir, SAMPLES_FILE), grids.png_bytes(grid))
     diffusion_store.save_model(
-        final_dir, kind="dit", variables={"params": state.ema_params}, spec=spec,
-        class_names=dataset.class_names, source={"trained_by": "prism_jax diffusion stage", "ema": True},
+        final_dir, kind="dit", variables={"params": params}, spec=spec, class_names=dataset.class_names,
+        source={"trained_by": "prism_jax diffusion stage", "ema": weights == "ema", "weights": weights},
         extra={"fingerprint": fingerprint, "history": history, "space": dc.space,
                **({} if vae_info is None else {"vae": _vae_record(vae_info)}),
-               "timing_last_run": {**timing, "wall_seconds": time.perf_counter() - start}})
-  final = history[-1]
+               "timing_last_run": (previous_timing if previous_timing and not timing["steps_run"] else
+                                   {**timing, "wall_seconds": time.perf_counter() - start})})
   print(f"[diffusion] eval loss {history[0]['loss']:.4f} (step {history[0]['step']}) -> {final['loss']:.4f} "
-        f"(EMA {final['ema_loss']:.4f}) -> {final_dir}, {os.path.join(out_dir, SAMPLES_FILE)}", flush=True)
-  return {"model_dir": final_dir, **final}
+        f"(EMA {final['ema_loss']:.4f}); kept the {weights} weights (config.diffusion.weights={dc.weights!r}) -> "
+        f"{final_dir}, {os.path.join(out_dir, SAMPLES_FILE)}", flush=True)
+  return {"model_dir": final_dir, "weights": weights, **final}

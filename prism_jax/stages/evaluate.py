@@ -80,7 +80,8 @@ def _stage_seconds(workdir: str, set_name: str) -> dict:
   if (marker or {}).get("method") in DIFFUSION_METHODS:
     try:
       model_dir, _ = prior.resolve_model(workdir)
-      diffusion = (diffusion_store.load_meta(model_dir).get("timing_last_run") or {}).get("wall_seconds")
+      timing = diffusion_store.load_meta(model_dir).get("timing_last_run") or {}
+      diffusion = timing.get("seconds_total", timing.get("wall_seconds"))  # every run, or (older) the last
     except artifacts.ArtifactError:
       diffusion = None
   return {"distill_s": seconds, "distill_img_it_s": throughput, "diffusion_s": diffusion,

@@ -39,7 +39,8 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   """Runs (or resumes) training to `settings.total_steps`.
 
   Returns (state, eval_history, timing); timing counts only the steps run by this call, with the
-  first (compiling) step apart, and excludes evaluation and checkpointing.
+  first (compiling) step apart, and excludes evaluation and checkpointing, except `seconds_total`:
+  the wall time of every call that worked towards these checkpoints (kept in their metadata).
   """
   run_path = os.path.join(checkpoint_dir, RUN_FILE)
   manager = checkpoint.create_manager(checkpoint_dir, save_every_steps=settings.checkpoint_every_steps,
@@ -51,6 +52,10 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
 
   start_step, state, meta = checkpoint.restore_latest(manager, state)
   history: list[dict] = list(meta.get("history", []))
+  loop_start, seconds_before = time.perf_counter(), float(meta.get("seconds_total", 0.0))
+
+  def saved_meta() -> dict:
+    return {"history": history, "seconds_total": seconds_before + time.perf_counter() - loop_start}
   if start_step:
     print(f"[{name}] resuming from step {start_step}/{settings.total_steps}", flush=True)
 
@@ -106,13 +111,13 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
                 ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")), flush=True)
         excluded += time.perf_counter() - eval_start
       save_start = time.perf_counter()
-      if checkpoint.save(manager, done, state, {"history": history}, force=done == settings.total_steps):
+      if checkpoint.save(manager, done, state, saved_meta(), force=done == settings.total_steps):
         saved = time.perf_counter() - save_start
         excluded += saved
         window_start += saved  # keep checkpoint time out of the img/s figure
       if preemption.requested() and jax.process_count() == 1:  # SIGTERM: save this step and stop
         if done not in manager.all_steps():
-          checkpoint.save(manager, done, state, {"history": history}, force=True)
+          checkpoint.save(manager, done, state, saved_meta(), force=True)
         manager.wait_until_finished()
         manager.close()
         writer.flush()
@@ -121,6 +126,7 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   jax.block_until_ready(state)
   if steady_start is not None:
     timing["train_seconds"] = max(time.perf_counter() - steady_start - excluded, 0.0)
+  timing["seconds_total"] = saved_meta()["seconds_total"]
   manager.wait_until_finished()
   writer.flush()
   manager.close()
