@@ -42,6 +42,9 @@ roll at 32 px), as the benchmark always has; configs/cifar10_prism.py uses SRe2L
 augmentation instead.
 
 Budgets (what is shrunk is shrunk for every method alike):
+  The hard-label protocol's batch (128) is larger than IPC 10's 100 images: those runs use the
+  soft protocol's batch, 50.
+
   small   teachers width 0.25 trained 2 epochs on a class-balanced 10,000-image subset
           (squeeze.max_per_class = 1000), recovery T = 120 - 10 (i mod 8), a DiT-T/2 trained 1,500
           steps of 64 on all 50,000 training images, 50 DDIM steps, 300 candidate images per class
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 from configs import common, presets
 
+NUM_CLASSES = 10
 TEACHERS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
 METHODS = ("random_real", "random_real_s1", "random_real_s2", "sre2l", "prism", "prism_intra", "rded", "dps", "dit",
            "dap")
@@ -139,6 +143,8 @@ def make_config(budget: dict, *, ipc: int = 10, protocol: str = "prism", methods
   if protocol != "hard_label":
     config.relabel.teachers = relabel_teachers
   tr = config.train
+  if tr.batch_size > NUM_CLASSES * ipc:  # hard_label's batch 128 on IPC 10's 100 images: the soft protocol's 50
+    tr.batch_size, tr.accumulation = NUM_CLASSES * ipc // 2, 1
   tr.width, tr.epochs, tr.eval_every_epochs = budget["student_width"], budget["student_epochs"], float(budget["eval_every"])
   tr.seeds, tr.eval_batch_size, tr.log_every_steps = tuple(budget["seeds"]), 500, 50
   return config

@@ -256,6 +256,19 @@ def test_baseline_and_rd3_values():
       "smoothed_cosine", "kl", 2, (0.5, 1.0))
 
 
+def test_comparison_batches_fit_the_sets():
+  """Every budget's student batch fits its sets (CIFAR-10: 10 classes x IPC images); the hard-label
+  protocol's 128 becomes the soft protocol's 50 at IPC 10 and stays at IPC 50."""
+  for arg, ipc in (("small", 10), ("small_hard", 10), ("small_ipc50", 50), ("large", 10)):
+    c = load("cifar10_compare", arg)
+    assert c.train.batch_size <= 10 * ipc, arg
+  assert (load("cifar10_compare", "small_hard").train.batch_size, load("cifar10_compare", "small").train.batch_size) == (
+      50, 50)
+  hard50 = importlib.import_module("configs.cifar10_compare").make_config(
+      importlib.import_module("configs.cifar10_compare").BUDGETS["small"], ipc=50, protocol="hard_label")
+  assert (hard50.train.batch_size, hard50.train.accumulation) == (128, 1)
+
+
 def test_small_dataset_values():
   c10, c100 = load("cifar10_prism", "ipc10"), load("cifar100_prism", "ipc50")
   tiny = load("tiny_imagenet_prism", "ipc100")
