@@ -48,10 +48,10 @@ Budgets (what is shrunk is shrunk for every method alike):
   small   teachers width 0.25 trained 2 epochs on a class-balanced 10,000-image subset
           (squeeze.max_per_class = 1000), recovery T = 120 - 10 (i mod 8), a DiT-T/2 trained 1,500
           steps of 64 on all 50,000 training images, 50 DDIM steps, 300 candidate images per class
-          for RDED and DPS (4 score draws), students width 0.25 for 100 epochs, 2 seeds. Measured on a 2-core CPU: about
-          5.5 hours in all, over the two-hour aim: the DiT about 2.5 h (10.8 images/s), DPS's
-          scoring 39 min, the two PRISM sets 42 min, each set's relabel and two students about
-          2.5 min, the hard-label run 30 min, small_full 10 min
+          for RDED and DPS (4 score draws), students width 0.25 for 100 epochs, 2 seeds.
+          Measured on a 2-core CPU: about 5.5 hours in all, over the two-hour aim: the DiT about
+          2.5 h (10.8 images/s), DPS's scoring 39 min, the two PRISM sets 42 min, each set's
+          relabel and two students about 2.5 min, the hard-label run 30 min, small_full 10 min
   smoke   seconds-scale wiring check (tiny widths, 8 iterations, 2 epochs)
   large   the paper-scale recipe shrunk only where CIFAR-10 needs it (an accelerator is advisable):
           full-width teachers 60 epochs on all 50,000 images, T = 1000 - 125 (i mod 8), students

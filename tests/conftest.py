@@ -52,7 +52,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def optimized_xla():
-  """For a module whose numbers are compared with a reference implementation: XLA's optimizations on,
+  """For a test whose numbers are compared with a reference implementation: XLA's optimizations on,
   as a user's run has them (the session turns most of them off)."""
   import jax
   before = jax.config.values["jax_disable_most_optimizations"]

@@ -264,8 +264,8 @@ def test_comparison_batches_fit_the_sets():
     assert c.train.batch_size <= 10 * ipc, arg
   assert (load("cifar10_compare", "small_hard").train.batch_size, load("cifar10_compare", "small").train.batch_size) == (
       50, 50)
-  hard50 = importlib.import_module("configs.cifar10_compare").make_config(
-      importlib.import_module("configs.cifar10_compare").BUDGETS["small"], ipc=50, protocol="hard_label")
+  compare = importlib.import_module("configs.cifar10_compare")
+  hard50 = compare.make_config(compare.BUDGETS["small"], ipc=50, protocol="hard_label")
   assert (hard50.train.batch_size, hard50.train.accumulation) == (128, 1)
 
 

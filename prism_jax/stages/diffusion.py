@@ -314,15 +314,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
       samples = latents_lib.decode_to_images(vae_model, vae_variables, samples, mesh)
     return grids.sample_grid(grids.to_uint8(samples), dc.samples_per_class, dataset.num_classes)
 
-  def kept(train_state, losses):
-    return train_state.ema_params if chosen_weights(dc.weights, losses) == "ema" else train_state.params
+  def kept(train_state, weights: str):
+    return train_state.ema_params if weights == "ema" else train_state.params
 
   def evaluate(train_state):
     step = int(train_state.step)
     losses = {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
               "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
     if dc.sample_every_steps and step % dc.sample_every_steps == 0 and step < dc.steps:
-      writer.write_images(step, {"diffusion/samples": sample_images(kept(train_state, losses))})
+      writer.write_images(step, {"diffusion/samples": sample_images(kept(train_state, chosen_weights(dc.weights, losses)))})
     return losses
 
   writer = monitoring.create_writer(layout.tensorboard_dir(workdir, "diffusion"))
@@ -348,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
   final = history[-1]
   weights = chosen_weights(dc.weights, final)
-  params = kept(state, final)
+  params = kept(state, weights)
   grid = sample_images(params)
   writer.write_images(dc.steps, {"diffusion/samples": grid})
   writer.close()

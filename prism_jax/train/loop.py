@@ -54,8 +54,12 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   history: list[dict] = list(meta.get("history", []))
   loop_start, seconds_before = time.perf_counter(), float(meta.get("seconds_total", 0.0))
 
+  def seconds_total() -> float:
+    return seconds_before + time.perf_counter() - loop_start
+
   def saved_meta() -> dict:
-    return {"history": history, "seconds_total": seconds_before + time.perf_counter() - loop_start}
+    return {"history": history, "seconds_total": seconds_total()}
+
   if start_step:
     print(f"[{name}] resuming from step {start_step}/{settings.total_steps}", flush=True)
 
@@ -126,7 +130,7 @@ def train_loop(*, name: str, state: Any, step_fn: Callable, get_batch: Callable[
   jax.block_until_ready(state)
   if steady_start is not None:
     timing["train_seconds"] = max(time.perf_counter() - steady_start - excluded, 0.0)
-  timing["seconds_total"] = saved_meta()["seconds_total"]
+  timing["seconds_total"] = seconds_total()
   manager.wait_until_finished()
   writer.flush()
   manager.close()
