@@ -2,6 +2,7 @@
 
   python benchmarks/diffusion.py --out bench_out/diffusion.json                 # everything
   python benchmarks/diffusion.py --parts sampling --models S/2,B/2 --batch 2 --steps 50
+  python benchmarks/diffusion.py --parts gemm --models B/2                      # matrix kernels alone
   python benchmarks/diffusion.py --parts train,memory --out bench_out/diffusion_mem.json
   taskset -c 0-3 python benchmarks/diffusion.py ...     # pin both frameworks to the same cores
 
@@ -25,6 +26,9 @@ Parts:
             final samples checks that the comparison compares the same computation. Also reported:
             one model evaluation on the doubled batch (ms) in each framework, to separate the model
             from the loop.
+  gemm      GFLOP/s of the four matrix products of one DiT block (qkv, proj, mlp.fc1, mlp.fc2 on all
+            tokens of the CFG model batch) for each --models size, XLA:CPU against torch.mm on the same
+            threads, float32 and bfloat16: the kernels alone, apart from anything the model code decides.
   train     training steps/s and images/s of `training.train_step` (jitted, state donated) for the tiny
             pixel-space DiT 'T/2' (32 px, 3 channels, 10 classes, learn_sigma with the VLB term),
             batch 64, AdamW + EMA.
@@ -259,6 +263,53 @@ def part_sampling(args) -> dict:
           "rows": rows}
 
 
+# ---------------------------------------------------------------------------------------------- gemm
+
+
+def gemm_shapes(name: str, model_batch: int) -> list[tuple[str, int, int, int]]:
+  """(layer, M, K, N) of the four token-wise matrix products of one DiT block at 256 px: M = tokens of
+  the whole CFG model batch. They carry nearly all of a block's FLOPs (attention itself is ~5%)."""
+  size = dit.DIT_SIZES[name.split("/")[0]]
+  width, patch = size["hidden_size"], int(name.split("/")[1])
+  rows = model_batch * (LATENT_SIZE // patch) ** 2
+  return [("qkv", rows, width, 3 * width), ("proj", rows, width, width),
+          ("mlp.fc1", rows, width, 4 * width), ("mlp.fc2", rows, 4 * width, width)]
+
+
+def part_gemm(args) -> dict:
+  """GFLOP/s of the blocks' matrix products alone, XLA:CPU against PyTorch on the same threads, in
+  float32 and in bfloat16 (bf16 operands, float32 accumulation and result in XLA; bf16 in and out in
+  torch): separates the matrix kernels from everything the model code controls."""
+  threads = _usable_cpus()
+  torch.set_num_threads(threads)
+  rows = []
+  print(f"  {'model':8} {'layer':8} {'M x K x N':>18} {'jax f32':>8} {'torch f32':>9} {'ratio':>6} "
+        f"{'jax bf16':>8} {'torch bf16':>10} {'ratio':>6}   (GFLOP/s)", flush=True)
+  for name in args.models.split(","):
+    for layer, m, k, n in gemm_shapes(name.strip(), 2 * args.batch):
+      rng = np.random.default_rng(0)
+      a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+      flops = 2.0 * m * k * n
+      row = {"model": f"DiT-{name.strip()}", "layer": layer, "m": m, "k": k, "n": n}
+      for dtype, jdt, tdt in (("f32", jnp.float32, torch.float32), ("bf16", jnp.bfloat16, torch.bfloat16)):
+        ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
+        product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        product(ja, jb).block_until_ready()
+        jax_s, _ = _median_seconds(lambda: product(ja, jb).block_until_ready(), args.gemm_repeats)
+        ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
+        with torch.inference_mode():
+          torch.mm(ta, tb)
+          torch_s, _ = _median_seconds(lambda: torch.mm(ta, tb), args.gemm_repeats)
+        row[f"jax_{dtype}_gflops"] = flops / jax_s / 1e9
+        row[f"torch_{dtype}_gflops"] = flops / torch_s / 1e9
+        row[f"ratio_{dtype}"] = torch_s / jax_s
+      rows.append(row)
+      print(f"  {row['model']:8} {layer:8} {f'{m} x {k} x {n}':>18} {row['jax_f32_gflops']:8.0f} "
+            f"{row['torch_f32_gflops']:9.0f} {row['ratio_f32']:6.2f} {row['jax_bf16_gflops']:8.0f} "
+            f"{row['torch_bf16_gflops']:10.0f} {row['ratio_bf16']:6.2f}", flush=True)
+  return {"threads": threads, "repeats": args.gemm_repeats, "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------- train
 
 
@@ -376,11 +427,12 @@ def part_memory(args) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--parts", default="sampling,train,memory")
+  parser.add_argument("--parts", default="sampling,gemm,train,memory")
   parser.add_argument("--models", default="S/2,B/2", help="DiT sizes for the sampling part")
   parser.add_argument("--batch", type=int, default=2, help="images per sampling batch (model sees 2x)")
   parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
   parser.add_argument("--repeats", type=int, default=2, help="timed sampling runs (median) after a warm-up")
+  parser.add_argument("--gemm-repeats", type=int, default=20, help="timed products per GEMM (median)")
   parser.add_argument("--train-batch", type=int, default=64)
   parser.add_argument("--train-steps", type=int, default=20)
   parser.add_argument("--mem-model", default="XL/2")

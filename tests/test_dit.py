@@ -328,6 +328,40 @@ def test_tokens_shapes_determinism_jit_vmap_and_grad():
   assert shapes.shape == (2, 8, 8, 3)
 
 
+def test_attention_and_its_gradient_match_plain_softmax_attention():
+  # The heads-major layout with the normalization after the value product is an implementation choice;
+  # it must give plain softmax attention's values (also with logits of order 1e4, where an unshifted exp
+  # overflows) and gradients (at logits of order 100).
+  attention = dit.SelfAttention(HIDDEN, HEADS)
+  x = 3.0 * jax.random.normal(jax.random.key(0), (2, 16, HIDDEN))
+  base = attention.init(jax.random.key(1), x)["params"]
+  base = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), base)
+
+  def reference(params, x):
+    qkv = (x @ params["qkv"]["kernel"] + params["qkv"]["bias"]).reshape(2, 16, 3, HEADS, HEAD_DIM)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 16, HIDDEN)
+    return out @ params["proj"]["kernel"] + params["proj"]["bias"]
+
+  def ours(params, x):
+    return attention.apply({"params": params}, x)
+
+  def scaled(multiplier):
+    return {**base, "qkv": {**base["qkv"], "kernel": base["qkv"]["kernel"] * multiplier}}
+
+  for multiplier in (1.0, 40.0):
+    out, ref = ours(scaled(multiplier), x), reference(scaled(multiplier), x)
+    assert np.all(np.isfinite(np.asarray(out))) and float(jnp.max(jnp.abs(ref))) > 0.1
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+  loss = lambda fn: lambda params, x: jnp.sum(jnp.sin(fn(params, x)))
+  grads, ref_grads = (jax.grad(loss(fn), argnums=(0, 1))(scaled(3.0), x) for fn in (ours, reference))
+  for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+    scale = float(jnp.max(jnp.abs(want)))
+    assert scale > 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+
+
 def test_batch_sharded_over_devices_matches_single_device():
   devices = jax.devices()
   assert len(devices) == 8

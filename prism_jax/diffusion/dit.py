@@ -139,12 +139,20 @@ class SelfAttention(nn.Module):
     batch, tokens, _ = x.shape
     head_dim = self.hidden_size // self.num_heads
     qkv = _dense(3 * self.hidden_size, self.dtype, "qkv")(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (head_dim ** -0.5), axis=-1)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
-    return _dense(self.hidden_size, self.dtype, "proj")(attended.reshape(batch, tokens, self.hidden_size))
+    # Heads before tokens, so both attention products are plain batched matmuls over (B, H): on
+    # XLA:CPU the token-major einsums cost twice as much (transposes inside the dot loops).
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    query, key, value = qkv[0], qkv[1], qkv[2]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = logits * (head_dim ** -0.5)
+    # Softmax with the normalization applied after the value product (N x d divisions instead of
+    # N x N); the max shift carries no gradient (the result does not depend on it).
+    unnormalized = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    attended = jnp.einsum("bhqk,bhkd->bhqd", unnormalized.astype(value.dtype), value,
+                          preferred_element_type=jnp.float32)
+    attended = (attended / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(value.dtype)
+    attended = attended.transpose(0, 2, 1, 3).reshape(batch, tokens, self.hidden_size)
+    return _dense(self.hidden_size, self.dtype, "proj")(attended)
 
 
 class Mlp(nn.Module):
