@@ -2,6 +2,7 @@
 
   python benchmarks/diffusion.py --out bench_out/diffusion.json                 # everything
   python benchmarks/diffusion.py --parts sampling --models S/2,B/2 --batch 2 --steps 50
+  python benchmarks/diffusion.py --parts sampling --dtypes float32,bfloat16     # also bf16 compute in both
   python benchmarks/diffusion.py --parts gemm --models B/2                      # matrix kernels alone
   python benchmarks/diffusion.py --parts train,memory --out bench_out/diffusion_mem.json
   taskset -c 0-3 python benchmarks/diffusion.py ...     # pin both frameworks to the same cores
@@ -49,6 +50,7 @@ from __future__ import annotations
 import torch  # noqa: I001
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -137,7 +139,7 @@ def torch_ddim_cfg(model, scheduler, x_T: torch.Tensor, labels: torch.Tensor, nu
     latent_model_input = torch.cat([half, half], dim=0)
     latent_model_input = scheduler.scale_model_input(latent_model_input, t)
     timesteps = t[None].expand(latent_model_input.shape[0])
-    noise_pred = model(latent_model_input, timestep=timesteps, class_labels=class_labels_input).sample
+    noise_pred = model(latent_model_input, timestep=timesteps, class_labels=class_labels_input).sample.float()
     eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
@@ -156,14 +158,27 @@ def ddim_scheduler():
                        timestep_spacing="leading")
 
 
-def sample_one_model(name: str, batch: int, steps: int, repeats: int) -> dict:
+def sample_one_model(name: str, batch: int, steps: int, repeats: int, dtype: str = "float32") -> dict:
+  """One row of the sampling table. dtype 'bfloat16': prism_jax's compute dtype (float32 parameters,
+  bf16 matrix products, float32 norms, softmax statistics, output and DDIM update) against torch's
+  CPU autocast to bf16 around the same float32 model (the same split: bf16 matrix products, float32
+  elsewhere; the model output cast to float32 before the scheduler). prism_jax's parameters are cast
+  to bf16 once, before sampling."""
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+  autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+              else contextlib.nullcontext)
   torch_model = random_diffusers_dit(name)
   state_dict = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
   spec = dict(dit.dit_spec(name, input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS,
                            num_classes=IMAGENET_CLASSES), timestep_freq_shift=1)
-  model = dit.create_dit(spec)
+  model = dit.create_dit(spec, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
   variables = jax.device_put(dit_import.state_dict_to_variables(state_dict, spec, "diffusers"))
   del state_dict
+  if dtype == "bfloat16":
+    # The same numbers as casting at every use (flax's promotion), done once: torch's autocast caches
+    # its casts for the autocast region, here the whole loop.
+    variables = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), variables)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables))
   schedule = DiffusionSchedule.linear()
   shape = (LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS)
@@ -213,20 +228,24 @@ def sample_one_model(name: str, batch: int, steps: int, repeats: int) -> dict:
     x2_t = torch.from_numpy(np.asarray(x2).transpose(0, 3, 1, 2).copy())
     t2_t = torch.from_numpy(np.asarray(t2).astype(np.int64))
     y2_t = torch.from_numpy(np.asarray(y2).astype(np.int64))
-    fwd = lambda: torch_model(x2_t, timestep=t2_t, class_labels=y2_t).sample
+    def fwd():
+      with autocast():
+        return torch_model(x2_t, timestep=t2_t, class_labels=y2_t).sample.float()
+
     fwd()  # warm-up
     torch_fwd_s, _ = _median_seconds(fwd, 3)
     fwd_diff = float(np.max(np.abs(fwd().numpy().transpose(0, 2, 3, 1)
                                    - np.asarray(forward(variables, x2, t2, y2)))))
 
     def run_torch():
-      torch_out["x0"] = torch_ddim_cfg(torch_model, scheduler, x_T_torch, labels_torch, steps)
+      with autocast():
+        torch_out["x0"] = torch_ddim_cfg(torch_model, scheduler, x_T_torch, labels_torch, steps)
 
     torch_s, torch_times = _median_seconds(run_torch, repeats)
   ref = torch_out["x0"].numpy().transpose(0, 2, 3, 1).astype(np.float64)
   diff = float(np.max(np.abs(np.asarray(jax_out["x0"], np.float64) - ref)))
   ref_max = float(np.max(np.abs(ref)))
-  return {"model": f"DiT-{name}", "params": num_params, "batch": batch, "steps": steps,
+  return {"model": f"DiT-{name}", "dtype": dtype, "params": num_params, "batch": batch, "steps": steps,
           "cfg_scale": CFG_SCALE, "model_batch": 2 * batch,
           "jax_compile_s": compile_s, "jax_s": jax_s, "jax_times_s": jax_times,
           "jax_images_per_s": batch / jax_s, "torch_s": torch_s, "torch_times_s": torch_times,
@@ -244,17 +263,18 @@ def part_sampling(args) -> dict:
   torch.set_num_threads(threads)
   rows = []
   print(f"  threads: torch {torch.get_num_threads()}, XLA CPU affinity {threads}", flush=True)
-  print(f"  {'model':10} {'batch':>5} {'steps':>5} {'compile s':>9} {'scan s':>8} {'host s':>8} "
+  print(f"  {'model':10} {'dtype':8} {'batch':>5} {'steps':>5} {'compile s':>9} {'scan s':>8} {'host s':>8} "
         f"{'torch s':>8} {'scan/torch':>10} {'host/torch':>10} {'fwd ms jax/torch':>17} "
         f"{'max|diff|':>9} {'rel':>8}", flush=True)
   for name in args.models.split(","):
-    row = sample_one_model(name.strip(), args.batch, args.steps, args.repeats)
-    rows.append(row)
-    print(f"  {row['model']:10} {row['batch']:5d} {row['steps']:5d} {row['jax_compile_s']:9.1f} "
-          f"{row['jax_s']:8.2f} {row['jax_host_s']:8.2f} {row['torch_s']:8.2f} "
-          f"{row['ratio_jax_over_torch']:10.2f} {row['ratio_jax_host_over_torch']:10.2f} "
-          f"{row['jax_forward_ms']:8.1f}/{row['torch_forward_ms']:<8.1f} "
-          f"{row['sample_max_abs_diff']:9.2e} {row['sample_rel_diff']:8.1e}", flush=True)
+    for dtype in args.dtypes.split(","):
+      row = sample_one_model(name.strip(), args.batch, args.steps, args.repeats, dtype.strip())
+      rows.append(row)
+      print(f"  {row['model']:10} {dtype:8} {row['batch']:5d} {row['steps']:5d} {row['jax_compile_s']:9.1f} "
+            f"{row['jax_s']:8.2f} {row['jax_host_s']:8.2f} {row['torch_s']:8.2f} "
+            f"{row['ratio_jax_over_torch']:10.2f} {row['ratio_jax_host_over_torch']:10.2f} "
+            f"{row['jax_forward_ms']:8.1f}/{row['torch_forward_ms']:<8.1f} "
+            f"{row['sample_max_abs_diff']:9.2e} {row['sample_rel_diff']:8.1e}", flush=True)
   return {"threads": threads, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
           "torch_loop": "DiTPipeline's loop written out (no VAE): doubled batch, CFG on all 4 latent "
                         "channels, DDIMScheduler.step on the doubled batch, torch.inference_mode",
@@ -431,6 +451,7 @@ def main():
   parser.add_argument("--models", default="S/2,B/2", help="DiT sizes for the sampling part")
   parser.add_argument("--batch", type=int, default=2, help="images per sampling batch (model sees 2x)")
   parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+  parser.add_argument("--dtypes", default="float32", help="compute dtypes of the sampling part: float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=2, help="timed sampling runs (median) after a warm-up")
   parser.add_argument("--gemm-repeats", type=int, default=20, help="timed products per GEMM (median)")
   parser.add_argument("--train-batch", type=int, default=64)

@@ -8,6 +8,7 @@ own init leaves the adaLN-Zero layers at zero, where a wrong modulation order wo
 import copy
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -392,6 +393,13 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   scale = float(jnp.max(jnp.abs(full)))
   err = float(jnp.max(jnp.abs(half - full)))
   assert 0 < err < 0.05 * scale, (err, scale)  # bf16 rounding, but the same function
+  # Every matrix product takes bf16 operands and accumulates into float32 (on XLA:CPU a bf16 -> bf16
+  # product is also the slow one).
+  hlo = jax.jit(half_model.apply).lower(variables, x, t, y).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  assert len(dots) >= 2 + 6 * DEPTH + 2  # timestep MLP, per block qkv/2 attention/proj/fc1/fc2, adaLN, head
+  for line in dots:
+    assert re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\) -> tensor<[^>]*xf32>", line), line
   abstract = dit.abstract_variables(half_model)
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(abstract)} == {jnp.dtype(jnp.float32)}
 
