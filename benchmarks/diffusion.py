@@ -302,6 +302,7 @@ def part_gemm(args) -> dict:
   torch): separates the matrix kernels from everything the model code controls."""
   threads = _usable_cpus()
   torch.set_num_threads(threads)
+  product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   rows = []
   print(f"  {'model':8} {'layer':8} {'M x K x N':>18} {'jax f32':>8} {'torch f32':>9} {'ratio':>6} "
         f"{'jax bf16':>8} {'torch bf16':>10} {'ratio':>6}   (GFLOP/s)", flush=True)
@@ -313,7 +314,6 @@ def part_gemm(args) -> dict:
       row = {"model": f"DiT-{name.strip()}", "layer": layer, "m": m, "k": k, "n": n}
       for dtype, jdt, tdt in (("f32", jnp.float32, torch.float32), ("bf16", jnp.bfloat16, torch.bfloat16)):
         ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
-        product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
         product(ja, jb).block_until_ready()
         jax_s, _ = _median_seconds(lambda: product(ja, jb).block_until_ready(), args.gemm_repeats)
         ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)

@@ -397,7 +397,8 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   # product is also the slow one).
   hlo = jax.jit(half_model.apply).lower(variables, x, t, y).as_text()
   dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
-  assert len(dots) >= 2 + 6 * DEPTH + 2  # timestep MLP, per block qkv/2 attention/proj/fc1/fc2, adaLN, head
+  # timestep MLP (2); per block adaLN, qkv, the two attention products, proj, fc1, fc2 (7); head (2)
+  assert len(dots) == 2 + 7 * DEPTH + 2
   for line in dots:
     assert re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\) -> tensor<[^>]*xf32>", line), line
   abstract = dit.abstract_variables(half_model)

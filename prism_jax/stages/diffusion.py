@@ -322,7 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     losses = {"loss": eval_loss(train_state.params, *eval_batch, eval_key),
               "ema_loss": eval_loss(train_state.ema_params, *eval_batch, eval_key)}
     if dc.sample_every_steps and step % dc.sample_every_steps == 0 and step < dc.steps:
-      writer.write_images(step, {"diffusion/samples": sample_images(kept(train_state, chosen_weights(dc.weights, losses)))})
+      weights = chosen_weights(dc.weights, losses)
+      writer.write_images(step, {"diffusion/samples": sample_images(kept(train_state, weights))})
     return losses
 
   writer = monitoring.create_writer(layout.tensorboard_dir(workdir, "diffusion"))
